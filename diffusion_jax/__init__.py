@@ -1,0 +1,65 @@
+"""diffusion_jax: denoising diffusion probabilistic models in JAX/Flax.
+
+Timesteps count from 0 everywhere: ``t = 0`` is the paper's ``t = 1`` (least noisy), ``t = T - 1``
+the paper's ``t = T``. The core maths is pure functions over a :class:`Schedule` pytree; samplers
+are built by :func:`make_sampler` and compile to one program each.
+"""
+
+from diffusion_jax.forward import (
+    predict_eps_from_v,
+    predict_eps_from_x0,
+    predict_x0_from_eps,
+    predict_x0_from_v,
+    q_mean_variance,
+    q_posterior_mean_variance,
+    q_sample,
+    v_target,
+)
+from diffusion_jax.losses import (
+    diffusion_loss,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+    prior_bpd,
+    vb_term_bpd,
+)
+from diffusion_jax.sampling import (
+    ddim_step,
+    ddpm_step,
+    make_sampler,
+    p_mean_variance,
+)
+from diffusion_jax.schedules import (
+    Schedule,
+    betas_for_schedule,
+    make_schedule,
+    respace,
+    schedule_from_betas,
+    space_timesteps,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Schedule",
+    "betas_for_schedule",
+    "ddim_step",
+    "ddpm_step",
+    "diffusion_loss",
+    "discretized_gaussian_log_likelihood",
+    "make_sampler",
+    "make_schedule",
+    "normal_kl",
+    "p_mean_variance",
+    "predict_eps_from_v",
+    "predict_eps_from_x0",
+    "predict_x0_from_eps",
+    "predict_x0_from_v",
+    "prior_bpd",
+    "q_mean_variance",
+    "q_posterior_mean_variance",
+    "q_sample",
+    "respace",
+    "schedule_from_betas",
+    "space_timesteps",
+    "v_target",
+]
