@@ -62,4 +62,5 @@ __all__ = [
     "schedule_from_betas",
     "space_timesteps",
     "v_target",
+    "vb_term_bpd",
 ]

@@ -18,7 +18,9 @@ def extract(coef: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
     """``coef[t]`` reshaped to [B, 1, ..., 1] so it broadcasts against ``x`` [B, ...]."""
     t = jnp.asarray(t)
     if t.ndim != 1 or t.shape[0] != x.shape[0]:
-        raise ValueError(f"t must have shape [B] = ({x.shape[0]},) to match x {x.shape}, got {t.shape}.")
+        raise ValueError(
+            f"t must have shape [B] = ({x.shape[0]},) to match x {x.shape}, got {t.shape}."
+        )
     out = jnp.take(coef, t)
     return out.reshape(out.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
 
@@ -62,7 +64,9 @@ def q_posterior_mean_variance(
     return mean, variance, log_variance
 
 
-def predict_x0_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+def predict_x0_from_eps(
+    schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: jax.Array
+) -> jax.Array:
     """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
     return (
         extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t
@@ -70,11 +74,13 @@ def predict_x0_from_eps(schedule: Schedule, x_t: jax.Array, t: jax.Array, eps: j
     )
 
 
-def predict_eps_from_x0(schedule: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
+def predict_eps_from_x0(
+    schedule: Schedule, x_t: jax.Array, t: jax.Array, x0: jax.Array
+) -> jax.Array:
     """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)."""
-    return (
-        extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0
-    ) / extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t)
+    return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / extract(
+        schedule.sqrt_recipm1_alphas_cumprod, t, x_t
+    )
 
 
 def v_target(schedule: Schedule, x0: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:

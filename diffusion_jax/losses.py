@@ -88,7 +88,11 @@ def normal_kl(
 ) -> jax.Array:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
     return 0.5 * (
-        -1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
+        -1.0
+        + logvar2
+        - logvar1
+        + jnp.exp(logvar1 - logvar2)
+        + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
     )
 
 
@@ -127,7 +131,9 @@ def _log_ndtr_difference(upper: jax.Array, lower: jax.Array) -> jax.Array:
     # log1mexp(d) = log(1 - e^d), with each branch fed only inputs where it is finite (safe gradients).
     near = d > -math.log(2.0)
     log1mexp = jnp.where(
-        near, jnp.log(-jnp.expm1(jnp.where(near, d, -1.0))), jnp.log1p(-jnp.exp(jnp.where(near, -1.0, d)))
+        near,
+        jnp.log(-jnp.expm1(jnp.where(near, d, -1.0))),
+        jnp.log1p(-jnp.exp(jnp.where(near, -1.0, d))),
     )
     return log_a + log1mexp
 

@@ -83,7 +83,9 @@ def p_mean_variance(
         model_variance = jnp.broadcast_to(model_variance, x_t.shape)
         log_variance = jnp.broadcast_to(log_variance, x_t.shape)
 
-    pred_x0, pred_eps = forward.to_x0_and_eps(schedule, x_t, t, output.astype(x_t.dtype), prediction)
+    pred_x0, pred_eps = forward.to_x0_and_eps(
+        schedule, x_t, t, output.astype(x_t.dtype), prediction
+    )
     if clip_denoised:
         pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
         pred_eps = forward.predict_eps_from_x0(schedule, x_t, t, pred_x0)
@@ -107,7 +109,13 @@ def ddpm_step(
     x_{t-1} = mu_theta(x_t, t) + sigma_t z with z = ``noise``, except at t = 0 where no noise is added.
     """
     mv = p_mean_variance(
-        schedule, output, x_t, t, prediction=prediction, variance=variance, clip_denoised=clip_denoised
+        schedule,
+        output,
+        x_t,
+        t,
+        prediction=prediction,
+        variance=variance,
+        clip_denoised=clip_denoised,
     )
     nonzero = (t > 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
     return mv.mean + nonzero * jnp.exp(0.5 * mv.log_variance) * noise, mv.pred_x0
@@ -132,13 +140,16 @@ def ddim_step(
     """
     if output.shape[-1] == 2 * x_t.shape[-1] and output.shape[:-1] == x_t.shape[:-1]:
         output = jnp.split(output, 2, axis=-1)[0]
-    mv = p_mean_variance(schedule, output, x_t, t, prediction=prediction, clip_denoised=clip_denoised)
+    mv = p_mean_variance(
+        schedule, output, x_t, t, prediction=prediction, clip_denoised=clip_denoised
+    )
     abar = forward.extract(schedule.alphas_cumprod, t, x_t)
     abar_prev = forward.extract(schedule.alphas_cumprod_prev, t, x_t)
     sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
-    mean = jnp.sqrt(abar_prev) * mv.pred_x0 + jnp.sqrt(
-        jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)
-    ) * mv.pred_eps
+    mean = (
+        jnp.sqrt(abar_prev) * mv.pred_x0
+        + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * mv.pred_eps
+    )
     return mean + sigma * noise, mv.pred_x0
 
 
@@ -208,12 +219,24 @@ def make_sampler(
         t = jnp.full((x.shape[0],), i, jnp.int32)
         if sampler == "ddpm":
             return ddpm_step(
-                steps_schedule, output, x, t, noise,
-                prediction=prediction, variance=variance, clip_denoised=clip_denoised,
+                steps_schedule,
+                output,
+                x,
+                t,
+                noise,
+                prediction=prediction,
+                variance=variance,
+                clip_denoised=clip_denoised,
             )
         return ddim_step(
-            steps_schedule, output, x, t, noise,
-            eta=eta, prediction=prediction, clip_denoised=clip_denoised,
+            steps_schedule,
+            output,
+            x,
+            t,
+            noise,
+            eta=eta,
+            prediction=prediction,
+            clip_denoised=clip_denoised,
         )
 
     def sample(params: Any, rng: jax.Array, shape: Sequence[int], **model_kwargs: Any):

@@ -62,7 +62,9 @@ def _check_betas(betas: np.ndarray) -> np.ndarray:
     if betas.shape[0] < 1:
         raise ValueError("betas is empty: a schedule needs at least one step (T >= 1).")
     if not np.all(np.isfinite(betas)):
-        raise ValueError(f"betas contains non-finite values at indices {np.flatnonzero(~np.isfinite(betas))[:5]}.")
+        raise ValueError(
+            f"betas contains non-finite values at indices {np.flatnonzero(~np.isfinite(betas))[:5]}."
+        )
     bad = np.flatnonzero((betas <= 0) | (betas >= 1))
     if bad.size:
         raise ValueError(
@@ -165,7 +167,9 @@ def betas_for_schedule(
         alpha_bar = cosine_alpha_bar(u, cosine_s)
         return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
     if name not in SCHEDULE_NAMES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULE_NAMES} or pass betas=.")
+        raise ValueError(
+            f"unknown schedule {name!r}; choose one of {SCHEDULE_NAMES} or pass betas=."
+        )
     start, end = _scaled_endpoints(num_timesteps, beta_start, beta_end)
     if not 0 < start <= end < 1:
         raise ValueError(
@@ -217,7 +221,9 @@ def space_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform"
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
         raise ValueError(f"num_steps must be an integer, got {num_steps!r}.")
     if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"num_steps must be in [1, {num_timesteps}] (the schedule's T), got {num_steps}.")
+        raise ValueError(
+            f"num_steps must be in [1, {num_timesteps}] (the schedule's T), got {num_steps}."
+        )
     last = num_timesteps - 1
     if spacing == "uniform":
         if num_steps == 1:
@@ -250,7 +256,9 @@ def respace(schedule: Schedule, timesteps: Sequence[int] | np.ndarray) -> Schedu
     timesteps = np.asarray(timesteps)
     num_timesteps = schedule.num_timesteps
     if timesteps.ndim != 1 or timesteps.size == 0:
-        raise ValueError(f"timesteps must be a non-empty 1-D sequence, got shape {timesteps.shape}.")
+        raise ValueError(
+            f"timesteps must be a non-empty 1-D sequence, got shape {timesteps.shape}."
+        )
     if np.any(np.diff(timesteps) <= 0) or timesteps[0] < 0 or timesteps[-1] >= num_timesteps:
         raise ValueError(
             f"timesteps must be strictly increasing integers in [0, {num_timesteps - 1}], got {timesteps}."
