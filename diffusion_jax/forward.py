@@ -30,7 +30,9 @@ def q_mean_variance(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mean, variance and log-variance of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (eq. 4)."""
     mean = extract(schedule.sqrt_alphas_cumprod, t, x0) * x0
-    variance = jnp.broadcast_to(extract(1.0 - schedule.alphas_cumprod, t, x0), x0.shape)
+    variance = jnp.broadcast_to(
+        extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) ** 2, x0.shape
+    )
     log_variance = jnp.broadcast_to(extract(schedule.log_one_minus_alphas_cumprod, t, x0), x0.shape)
     return mean, variance, log_variance
 

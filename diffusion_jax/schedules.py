@@ -215,7 +215,8 @@ def space_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform"
       a single step is [T - 1].
     - ``leading``: 0, k, 2k, ... with k = T // num_steps (the DDIM paper's choice; misses T - 1).
     - ``trailing``: T - 1, T - 1 - T/n, ... (Lin et al. 2024; always keeps the noisiest step).
-    - ``quadratic``: DDIM's quadratic spacing, denser near t = 0, ending at T - 1.
+    - ``quadratic``: DDIM's quadratic spacing, denser near t = 0, ending at T - 1 (early repeats
+      nudged up to consecutive steps).
     """
     num_timesteps = _check_num_timesteps(num_timesteps)
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
@@ -235,6 +236,8 @@ def space_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform"
         steps = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps))[::-1] - 1
     elif spacing == "quadratic":
         steps = np.round(np.linspace(0, np.sqrt(last), num_steps) ** 2)
+        for i in range(1, num_steps):  # the first squares round to repeats: nudge them apart
+            steps[i] = max(steps[i], steps[i - 1] + 1)
     else:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}.")
     steps = steps.astype(np.int64)
@@ -263,9 +266,9 @@ def respace(schedule: Schedule, timesteps: Sequence[int] | np.ndarray) -> Schedu
         raise ValueError(
             f"timesteps must be strictly increasing integers in [0, {num_timesteps - 1}], got {timesteps}."
         )
-    # Recover float64 alpha-bar from the stored betas so respacing loses no precision.
-    alphas_cumprod = np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))
-    kept = alphas_cumprod[timesteps]
+    # Read alpha-bar itself (float32-rounded, but without the error a cumulative product of rounded
+    # betas would accumulate), so the kept steps keep their alpha-bar to float32 precision.
+    kept = np.asarray(schedule.alphas_cumprod, np.float64)[timesteps]
     new_betas = 1.0 - kept / np.append(1.0, kept[:-1])
     original_t = np.asarray(schedule.model_timesteps)[timesteps]
     return schedule_from_betas(new_betas, model_timesteps=original_t)
