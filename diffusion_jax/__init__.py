@@ -23,14 +23,17 @@ from diffusion_jax.losses import (
     vb_term_bpd,
 )
 from diffusion_jax.sampling import (
-    ddim_step,
-    ddpm_step,
+    classifier_free_guidance,
+    classifier_guidance,
+    make_img2img,
+    make_inpainter,
     make_sampler,
     p_mean_variance,
 )
 from diffusion_jax.schedules import (
     Schedule,
     betas_for_schedule,
+    karras_timesteps,
     make_schedule,
     respace,
     schedule_from_betas,
@@ -42,11 +45,14 @@ __version__ = "0.1.0"
 __all__ = [
     "Schedule",
     "betas_for_schedule",
-    "ddim_step",
-    "ddpm_step",
+    "classifier_free_guidance",
+    "classifier_guidance",
     "diffusion_loss",
     "discretized_gaussian_log_likelihood",
+    "make_img2img",
+    "make_inpainter",
     "make_sampler",
+    "karras_timesteps",
     "make_schedule",
     "normal_kl",
     "p_mean_variance",

@@ -272,3 +272,36 @@ def respace(schedule: Schedule, timesteps: Sequence[int] | np.ndarray) -> Schedu
     new_betas = 1.0 - kept / np.append(1.0, kept[:-1])
     original_t = np.asarray(schedule.model_timesteps)[timesteps]
     return schedule_from_betas(new_betas, model_timesteps=original_t)
+
+
+def karras_timesteps(schedule: Schedule, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """``num_steps`` increasing timesteps whose noise levels follow Karras et al. (2022) eq. 5.
+
+    The noise level of step t is sigma_t = sqrt((1 - abar_t) / abar_t) (the VE view of the VP
+    process); the target levels (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+    are snapped to the nearest timestep in log sigma, and repeats are nudged apart.
+    """
+    num_timesteps = schedule.num_timesteps
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+        raise ValueError(f"num_steps must be an integer, got {num_steps!r}.")
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(
+            f"num_steps must be in [1, {num_timesteps}] (the schedule's T), got {num_steps}."
+        )
+    if not rho > 0:
+        raise ValueError(f"rho must be positive, got {rho}.")
+    abar = np.asarray(schedule.alphas_cumprod, np.float64)
+    log_sigmas = 0.5 * np.log((1.0 - abar) / abar)
+    if num_steps == 1:
+        return np.array([num_timesteps - 1])
+    inv_rho = 1.0 / rho
+    s_max, s_min = np.exp(log_sigmas[-1]), np.exp(log_sigmas[0])
+    ramp = np.linspace(0.0, 1.0, num_steps)
+    targets = (s_max**inv_rho + ramp * (s_min**inv_rho - s_max**inv_rho)) ** rho
+    steps = np.sort(np.abs(log_sigmas[None, :] - np.log(targets)[:, None]).argmin(axis=1))
+    for i in range(1, num_steps):  # repeats at the low end: push up ...
+        steps[i] = max(steps[i], steps[i - 1] + 1)
+    steps[-1] = min(steps[-1], num_timesteps - 1)
+    for i in range(num_steps - 2, -1, -1):  # ... and back down below the top, if pushed past it
+        steps[i] = min(steps[i], steps[i + 1] - 1)
+    return steps

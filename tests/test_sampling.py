@@ -267,8 +267,8 @@ def test_learned_range_variance_interpolates_the_logs():
 def test_bad_arguments_raise_clear_errors():
     schedule = dj.make_schedule("linear", 100)
     f = lambda p, x, t: x
-    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        dj.make_sampler(f, schedule, sampler="euler")
+    with pytest.raises(ValueError, match="unknown sampler 'euler_a'"):
+        dj.make_sampler(f, schedule, sampler="euler_a")
     with pytest.raises(ValueError, match="eta must be >= 0"):
         dj.make_sampler(f, schedule, sampler="ddim", eta=-1.0)
     with pytest.raises(ValueError, match="unknown variance"):
