@@ -277,7 +277,7 @@ def test_bad_arguments_raise_clear_errors():
         dj.make_sampler(f, schedule, num_steps=200)
     with pytest.raises(ValueError, match="learned_range variance needs a model output"):
         dj.make_sampler(f, schedule, variance="learned_range")(None, jax.random.key(0), (2, 3))
-    with pytest.raises(ValueError, match="must equal x_t shape"):
+    with pytest.raises(ValueError, match="must equal the sample shape"):
         dj.make_sampler(lambda p, x, t: x[:, :2], schedule)(None, jax.random.key(0), (2, 3))
     with pytest.raises(ValueError, match="at least 2 axes"):
         dj.make_sampler(f, schedule)(None, jax.random.key(0), (3,))
