@@ -18,10 +18,12 @@ from diffusion_jax.forward import (
 from diffusion_jax.losses import (
     diffusion_loss,
     discretized_gaussian_log_likelihood,
+    hybrid_loss,
     normal_kl,
     prior_bpd,
     vb_term_bpd,
 )
+from diffusion_jax.models import MLPDenoiser, UNet, timestep_embedding
 from diffusion_jax.sampling import (
     classifier_free_guidance,
     classifier_guidance,
@@ -43,12 +45,15 @@ from diffusion_jax.schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "MLPDenoiser",
+    "UNet",
     "Schedule",
     "betas_for_schedule",
     "classifier_free_guidance",
     "classifier_guidance",
     "diffusion_loss",
     "discretized_gaussian_log_likelihood",
+    "hybrid_loss",
     "make_img2img",
     "make_inpainter",
     "make_sampler",
@@ -67,6 +72,7 @@ __all__ = [
     "respace",
     "schedule_from_betas",
     "space_timesteps",
+    "timestep_embedding",
     "v_target",
     "vb_term_bpd",
 ]

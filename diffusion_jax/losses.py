@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 
 from diffusion_jax import forward
+from diffusion_jax.sampling import p_mean_variance
 from diffusion_jax.schedules import Schedule
 
 LOSS_TYPES = ("l2", "l1")
@@ -81,6 +82,46 @@ def diffusion_loss(
     if min_snr_gamma is not None:
         per_example = per_example * min_snr_weight(schedule.snr[t], min_snr_gamma, prediction)
     return per_example
+
+
+def hybrid_loss(
+    schedule: Schedule,
+    model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    x0: jax.Array,
+    rng: jax.Array,
+    *,
+    prediction: str = "eps",
+    lambda_vlb: float = 1e-3,
+    t: jax.Array | None = None,
+    noise: jax.Array | None = None,
+) -> jax.Array:
+    """Improved-DDPM's L_hybrid = L_simple + lambda L_vlb per example, [B] (Nichol & Dhariwal sec. 3.1).
+
+    ``model_fn(x_t, t)`` returns [B, ..., 2C]: the ``prediction`` target in the first C channels and
+    the variance interpolation v (see :func:`sampling.p_mean_variance`, ``learned_range``) in the
+    rest. L_vlb = T * L_t in bits per dimension (the t-th term of the bound, scaled to the sum over
+    all T terms), computed with a stop-gradient on the mean so that it trains only the variance.
+    """
+    forward.check_prediction(prediction)
+    t_rng, noise_rng = jax.random.split(rng)
+    if t is None:
+        t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps)
+    if noise is None:
+        noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    x_t = forward.q_sample(schedule, x0, t, noise)
+    output = model_fn(x_t, schedule.model_timesteps[t]).astype(jnp.float32)
+    if output.shape != x0.shape[:-1] + (2 * x0.shape[-1],):
+        raise ValueError(
+            f"hybrid_loss needs a learned-variance model output of shape "
+            f"{x0.shape[:-1] + (2 * x0.shape[-1],)}, got {output.shape}."
+        )
+    mean_output, var_output = jnp.split(output, 2, axis=-1)
+    target = forward.training_target(schedule, x0, t, noise, prediction)
+    mse = mean_flat(jnp.square(mean_output - target))
+    frozen = jnp.concatenate([jax.lax.stop_gradient(mean_output), var_output], axis=-1)
+    mv = p_mean_variance(schedule, frozen, x_t, t, prediction=prediction, variance="learned_range")
+    vb = vb_term_bpd(schedule, x0, x_t, t, mv.mean, mv.log_variance)
+    return mse + lambda_vlb * schedule.num_timesteps * vb
 
 
 def normal_kl(

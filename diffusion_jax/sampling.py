@@ -464,6 +464,8 @@ def classifier_free_guidance(denoise_fn: DenoiseFn, null_label: int) -> DenoiseF
     """
 
     def guided(params, x_t, t, *, y, guidance_scale=1.0, **kwargs):
+        # (1 - w) uncond + w cond == uncond + w (cond - uncond), exact at w = 0 and w = 1.
+        mix = lambda cond, uncond: (1.0 - guidance_scale) * uncond + guidance_scale * cond
         batch = x_t.shape[0]
         y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (batch,))
         both = denoise_fn(
@@ -476,8 +478,8 @@ def classifier_free_guidance(denoise_fn: DenoiseFn, null_label: int) -> DenoiseF
         cond, uncond = both[:batch], both[batch:]
         if cond.shape[-1] == 2 * x_t.shape[-1]:
             (c_mean, c_var), (u_mean, _) = jnp.split(cond, 2, -1), jnp.split(uncond, 2, -1)
-            return jnp.concatenate([u_mean + guidance_scale * (c_mean - u_mean), c_var], -1)
-        return uncond + guidance_scale * (cond - uncond)
+            return jnp.concatenate([mix(c_mean, u_mean), c_var], -1)
+        return mix(cond, uncond)
 
     return guided
 
