@@ -281,3 +281,42 @@ def test_bad_arguments_raise_clear_errors():
         dj.make_sampler(lambda p, x, t: x[:, :2], schedule)(None, jax.random.key(0), (2, 3))
     with pytest.raises(ValueError, match="at least 2 axes"):
         dj.make_sampler(f, schedule)(None, jax.random.key(0), (3,))
+
+
+def test_unet_and_mlp_plug_into_the_sampler():
+    """The networks are denoisers like any other: a class-conditional U-Net with learned variance
+    and the MLP, sampled under jit, with labels passed through ``model_kwargs``."""
+    from diffusion_jax.models import MLPDenoiser, UNet
+
+    schedule = dj.make_schedule("cosine", 100)
+    unet = UNet(
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        dropout=0.0,
+        num_classes=3,
+        learn_sigma=True,
+    )
+    x = jnp.zeros((2, 8, 8, 1))
+    params = jax.jit(unet.init)(
+        jax.random.key(0), x, jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32)
+    )["params"]
+    params = jax.tree.map(lambda p: p + 0.01, params)  # leave the zero-initialised output layers
+    denoise = lambda p, x, t, y: unet.apply({"params": p}, x, t, y)
+    sample = dj.make_sampler(
+        denoise, schedule, sampler="ddpm", num_steps=5, variance="learned_range"
+    )
+    out = jax.jit(sample, static_argnums=2)(
+        params, jax.random.key(1), (2, 8, 8, 1), y=jnp.array([0, 2])
+    )
+    chex.assert_shape(out, (2, 8, 8, 1))
+    assert np.all(np.isfinite(out)) and float(jnp.max(jnp.abs(out))) <= 1.0 + 1e-6
+    mlp = MLPDenoiser(hidden=16, num_layers=1)
+    mlp_params = mlp.init(jax.random.key(0), jnp.zeros((2, 2)), jnp.zeros((2,), jnp.int32))[
+        "params"
+    ]
+    mlp_sample = dj.make_sampler(
+        lambda p, x, t: mlp.apply({"params": p}, x, t), schedule, sampler="ddim", num_steps=5
+    )
+    chex.assert_shape(mlp_sample(mlp_params, jax.random.key(0), (7, 2)), (7, 2))
