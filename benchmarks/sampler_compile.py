@@ -24,7 +24,10 @@ def main() -> None:
     denoise = lambda p, x, t: model.apply({"params": p}, x, t)
     schedule = dj.make_schedule("linear", 1000)
     rows = []
-    for sampler, steps in (("ddpm", 1000), ("ddpm", 10), ("ddim", 1000), ("ddim", 10)):
+    for sampler, steps in (
+        ("ddpm", 1000), ("ddpm", 10), ("ddim", 1000), ("ddim", 10),
+        ("heun", 1000), ("heun", 10), ("dpm_solver_2m", 1000), ("dpm_solver_2m", 10),
+    ):  # fmt: skip
         sample = jax.jit(dj.make_sampler(denoise, schedule, sampler=sampler, num_steps=steps), static_argnums=2)
         t0 = time.perf_counter()
         compiled = sample.lower(params, jax.random.key(1), shape).compile()
@@ -34,9 +37,9 @@ def main() -> None:
         run_s = time.perf_counter() - t0
         rows.append((sampler, steps, compile_s, run_s))
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
-    print(f"{'sampler':<8} {'steps':>6} {'compile s':>10} {'run s':>8}")
+    print(f"{'sampler':<14} {'steps':>6} {'compile s':>10} {'run s':>8}")
     for sampler, steps, c, r in rows:
-        print(f"{sampler:<8} {steps:>6} {c:>10.2f} {r:>8.2f}")
+        print(f"{sampler:<14} {steps:>6} {c:>10.2f} {r:>8.2f}")
 
 
 if __name__ == "__main__":
