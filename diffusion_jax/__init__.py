@@ -16,6 +16,7 @@ from diffusion_jax.forward import (
     v_target,
 )
 from diffusion_jax.losses import (
+    classifier_loss,
     diffusion_loss,
     discretized_gaussian_log_likelihood,
     hybrid_loss,
@@ -23,7 +24,7 @@ from diffusion_jax.losses import (
     prior_bpd,
     vb_term_bpd,
 )
-from diffusion_jax.models import MLPDenoiser, UNet, timestep_embedding
+from diffusion_jax.models import MLPDenoiser, NoisyClassifier, UNet, timestep_embedding
 from diffusion_jax.sampling import (
     classifier_free_guidance,
     classifier_guidance,
@@ -46,11 +47,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MLPDenoiser",
+    "NoisyClassifier",
     "UNet",
     "Schedule",
     "betas_for_schedule",
     "classifier_free_guidance",
     "classifier_guidance",
+    "classifier_loss",
     "diffusion_loss",
     "discretized_gaussian_log_likelihood",
     "hybrid_loss",

@@ -124,6 +124,37 @@ def hybrid_loss(
     return mse + lambda_vlb * schedule.num_timesteps * vb
 
 
+def classifier_loss(
+    schedule: Schedule,
+    logits_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    x0: jax.Array,
+    labels: jax.Array,
+    rng: jax.Array,
+    *,
+    t: jax.Array | None = None,
+    noise: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy of a noise-aware classifier on x_t ~ q(x_t | x_0), t ~ Uniform: ([B] nats, [B] hits).
+
+    ``logits_fn(x_t, t) -> [B, num_classes]``; what classifier guidance needs is log p(y | x_t), so
+    the classifier is trained on the same noised inputs the sampler will show it (Dhariwal & Nichol).
+    """
+    t_rng, noise_rng = jax.random.split(rng)
+    if t is None:
+        t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps)
+    if noise is None:
+        noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    logits = logits_fn(forward.q_sample(schedule, x0, t, noise), schedule.model_timesteps[t])
+    if logits.ndim != 2 or logits.shape[0] != x0.shape[0]:
+        raise ValueError(
+            f"logits must have shape [B, num_classes] with B={x0.shape[0]}, got {logits.shape}."
+        )
+    labels = jnp.asarray(labels, jnp.int32)
+    log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
+    return nll, (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+
+
 def normal_kl(
     mean1: jax.Array, logvar1: jax.Array, mean2: jax.Array, logvar2: jax.Array
 ) -> jax.Array:
