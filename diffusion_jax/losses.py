@@ -39,6 +39,25 @@ def min_snr_weight(snr: jax.Array, gamma: float, prediction: str) -> jax.Array:
     return clipped
 
 
+def noised_inputs(
+    schedule: Schedule,
+    x0: jax.Array,
+    rng: jax.Array,
+    t: jax.Array | None = None,
+    noise: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(t, eps, x_t) for a training example: t ~ Uniform{0..T-1} [B], eps ~ N(0, I), x_t by q_sample.
+
+    ``t`` or ``noise`` given are used as they are; the rest is drawn from ``rng``.
+    """
+    t_rng, noise_rng = jax.random.split(rng)
+    if t is None:
+        t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps)
+    if noise is None:
+        noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    return t, noise, forward.q_sample(schedule, x0, t, noise)
+
+
 def diffusion_loss(
     schedule: Schedule,
     model_fn: Callable[[jax.Array, jax.Array], jax.Array],
@@ -63,13 +82,7 @@ def diffusion_loss(
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}.")
     if min_snr_gamma is not None and not min_snr_gamma > 0:
         raise ValueError(f"min_snr_gamma must be positive or None, got {min_snr_gamma}.")
-    t_rng, noise_rng = jax.random.split(rng)
-    batch = x0.shape[0]
-    if t is None:
-        t = jax.random.randint(t_rng, (batch,), 0, schedule.num_timesteps)
-    if noise is None:
-        noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-    x_t = forward.q_sample(schedule, x0, t, noise)
+    t, noise, x_t = noised_inputs(schedule, x0, rng, t, noise)
     output = model_fn(x_t, schedule.model_timesteps[t])
     if output.shape != x0.shape:
         raise ValueError(
@@ -103,12 +116,7 @@ def hybrid_loss(
     all T terms), computed with a stop-gradient on the mean so that it trains only the variance.
     """
     forward.check_prediction(prediction)
-    t_rng, noise_rng = jax.random.split(rng)
-    if t is None:
-        t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps)
-    if noise is None:
-        noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-    x_t = forward.q_sample(schedule, x0, t, noise)
+    t, noise, x_t = noised_inputs(schedule, x0, rng, t, noise)
     output = model_fn(x_t, schedule.model_timesteps[t]).astype(jnp.float32)
     if output.shape != x0.shape[:-1] + (2 * x0.shape[-1],):
         raise ValueError(
@@ -139,12 +147,8 @@ def classifier_loss(
     ``logits_fn(x_t, t) -> [B, num_classes]``; what classifier guidance needs is log p(y | x_t), so
     the classifier is trained on the same noised inputs the sampler will show it (Dhariwal & Nichol).
     """
-    t_rng, noise_rng = jax.random.split(rng)
-    if t is None:
-        t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps)
-    if noise is None:
-        noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-    logits = logits_fn(forward.q_sample(schedule, x0, t, noise), schedule.model_timesteps[t])
+    t, _, x_t = noised_inputs(schedule, x0, rng, t, noise)
+    logits = logits_fn(x_t, schedule.model_timesteps[t])
     if logits.ndim != 2 or logits.shape[0] != x0.shape[0]:
         raise ValueError(
             f"logits must have shape [B, num_classes] with B={x0.shape[0]}, got {logits.shape}."
