@@ -1,0 +1,122 @@
+"""Environment check: ``python -m diffusion_jax.env [--batch_size N] [--json]``.
+
+Prints the JAX version, backend, devices per host, process count, and warnings about common
+misconfigurations (a TPU VM where only one worker joined, a batch that does not divide the devices,
+a GPU box where JAX sees only the CPU). Exits 0 whatever it finds; it reports, it does not fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+import jax
+
+
+@dataclass
+class EnvReport:
+    """What this process sees: versions, devices and any warnings."""
+
+    jax_version: str
+    jaxlib_version: str
+    backend: str
+    process_index: int
+    process_count: int
+    local_device_count: int
+    global_device_count: int
+    device_kinds: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_environment(batch_size: int | None = None) -> EnvReport:
+    """Inspects the JAX runtime; ``batch_size`` (global) is checked against the device count."""
+    import jaxlib
+
+    devices = jax.devices()
+    local = jax.local_devices()
+    report = EnvReport(
+        jax_version=jax.__version__,
+        jaxlib_version=getattr(jaxlib, "__version__", "unknown"),
+        backend=jax.default_backend(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        local_device_count=len(local),
+        global_device_count=len(devices),
+        device_kinds=sorted({d.device_kind for d in devices}),
+    )
+    report.warnings.extend(_warnings(report, batch_size))
+    return report
+
+
+def _warnings(report: EnvReport, batch_size: int | None) -> list[str]:
+    out = []
+    if batch_size is not None and batch_size % report.global_device_count:
+        out.append(
+            f"batch size {batch_size} does not divide the {report.global_device_count} devices: "
+            f"use a multiple of {report.global_device_count} (e.g. "
+            f"{(batch_size // report.global_device_count + 1) * report.global_device_count})."
+        )
+    tpu_workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    expected_workers = len([h for h in tpu_workers.split(",") if h]) if tpu_workers else 0
+    if report.backend == "tpu" and expected_workers > report.process_count:
+        out.append(
+            f"this TPU slice has {expected_workers} workers but only {report.process_count} JAX "
+            "process(es) joined: run the same command on every worker "
+            "(gcloud compute tpus tpu-vm ssh NAME --worker=all --command=...)."
+        )
+    if report.backend == "cpu" and os.path.exists("/dev/nvidia0"):
+        out.append(
+            "an NVIDIA GPU is present but JAX runs on the CPU: install the CUDA build "
+            '(pip install -e ".[cuda12]") and check that no JAX_PLATFORMS=cpu is set.'
+        )
+    if report.backend == "cpu" and os.path.exists("/dev/accel0"):
+        out.append(
+            'a TPU is present but JAX runs on the CPU: install the TPU build (pip install -e ".[tpu]").'
+        )
+    if (
+        report.process_count > 1
+        and report.local_device_count * report.process_count != report.global_device_count
+    ):
+        out.append(
+            f"uneven hosts: {report.local_device_count} local devices x {report.process_count} processes "
+            f"!= {report.global_device_count} devices in all."
+        )
+    return out
+
+
+def format_report(report: EnvReport) -> str:
+    """The report as the few lines the command prints."""
+    lines = [
+        f"jax {report.jax_version} (jaxlib {report.jaxlib_version}), backend: {report.backend}",
+        f"process {report.process_index} of {report.process_count}; "
+        f"{report.local_device_count} local device(s), {report.global_device_count} in all: "
+        + ", ".join(report.device_kinds),
+    ]
+    lines += [f"WARNING: {w}" for w in report.warnings] or ["no problems found"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusion_jax.env", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--batch_size", type=int, default=None, help="global batch size to check")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (pod slices)",
+    )
+    args = parser.parse_args(argv)
+    if args.distributed:
+        jax.distributed.initialize()
+    report = check_environment(args.batch_size)
+    print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The environment check on CPU with 1 and 4 fake devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_env_check_reports_devices(devices):
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    cmd = [sys.executable, "-m", "diffusion_jax.env", "--json", "--batch_size", "6"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout)
+    assert report["backend"] == "cpu"
+    assert report["local_device_count"] == devices == report["global_device_count"]
+    assert report["process_count"] == 1
+    divides = any("does not divide" in w for w in report["warnings"])
+    assert divides == (devices == 4), report["warnings"]
+    text = subprocess.run(
+        cmd[:3] + ["--batch_size", "8"], env=env, capture_output=True, text=True, check=True
+    )
+    assert f"{devices} local device(s), {devices} in all" in text.stdout
+    assert "no problems found" in text.stdout
