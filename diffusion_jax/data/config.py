@@ -8,6 +8,7 @@ checks every value once and returns a frozen :class:`DataConfig`.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 SOURCES = (
@@ -141,6 +142,8 @@ def to_data_config(data_cfg: Any) -> DataConfig:
             "(start from diffusion_jax.data.default_data_config())"
         )
     cfg = DataConfig(**values)
+    if cfg.data_dir and "://" not in str(cfg.data_dir):
+        cfg = dataclasses.replace(cfg, data_dir=os.path.expanduser(str(cfg.data_dir)))
     _choice("source", cfg.source, SOURCES)
     _choice("resize_method", cfg.resize_method, RESIZE_METHODS)
     _choice("crop", cfg.crop, ("center", "random"))

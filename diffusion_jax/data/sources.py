@@ -434,8 +434,9 @@ def _import_tensorflow():
 
 
 def _prepare_command(name: str, data_dir: str | None) -> str:
+    """The one-time preparation command (the tfds CLI and most image builders need TensorFlow)."""
     dd = f" --data_dir={data_dir}" if data_dir else ""
-    return f"tfds build {name}{dd} --file_format=array_record"
+    return f"pip install tensorflow-cpu && tfds build {name}{dd} --file_format=array_record"
 
 
 def tfds_builder(cfg: DataConfig):
@@ -554,8 +555,8 @@ class TfdsSource:
         cfg = self.cfg
         fmt = ", ".join(sorted(f.value for f in formats)) or "unknown"
         convert = (
-            f"tfds convert_format --dataset_version_dir={builder.data_dir} --out_file_format=array_record "
-            f"(or rebuild: `{_prepare_command(cfg.name, cfg.data_dir)}` into a fresh data_dir)"
+            f"`tfds convert_format --dataset_version_dir={builder.data_dir} --out_file_format=array_record` "
+            f"(needs TensorFlow once; or rebuild into a fresh data_dir: `{_prepare_command(cfg.name, cfg.data_dir)}`)"
         )
         try:
             _import_tensorflow()
