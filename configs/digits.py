@@ -1,0 +1,94 @@
+r"""The default: a small U-Net on scikit-learn's 8x8 handwritten digits, upsampled to 16x16.
+
+    python train.py --config configs/digits.py --workdir /tmp/diffusion_digits
+
+No download (the digits ship inside scikit-learn). On 2 CPU cores it takes about TODO minutes and
+leaves recognisable digits in ``<workdir>/samples/step_*.png``; on one GPU well under a minute.
+Override any key on the command line, e.g. ``--config.train.num_steps=500``.
+
+This file lists every key of a training config; the other configs import it and change what
+differs. Step counts are in batches.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from diffusion_jax import data
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Input pipeline (diffusion_jax.data.default_data_config() documents every key).
+    config.data = data.default_data_config()
+    config.data.source = "digits"
+    config.data.image_size = 16  # 8x8 -> 16x16, nearest neighbour
+    config.data.channels = 1
+
+    # The denoiser: "unet" (images) or "mlp" (points); other keys are that module's arguments.
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "unet"
+    config.model.ch = 32
+    config.model.ch_mult = (1, 2, 2)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = (8,)
+    config.model.dropout = 0.0
+    config.model.num_classes = config_dict.placeholder(int)  # e.g. 10 for class-conditional
+    config.model.dtype = "float32"  # compute dtype; "bfloat16" on TPU / recent GPUs
+    config.model.remat = False  # recompute residual blocks on the backward pass (saves memory)
+
+    # Forward process and loss.
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.schedule = "linear"
+    config.diffusion.num_timesteps = 1000
+    config.diffusion.beta_start = config_dict.placeholder(float)  # None: DDPM's, scaled by 1000/T
+    config.diffusion.beta_end = config_dict.placeholder(float)
+    config.diffusion.prediction = "eps"  # eps | x0 | v
+    config.diffusion.loss = "simple"  # simple | hybrid (with model.learn_sigma)
+    config.diffusion.loss_type = "l2"
+    config.diffusion.min_snr_gamma = config_dict.placeholder(float)
+    config.diffusion.lambda_vlb = 1e-3
+    config.diffusion.label_dropout = 0.0  # > 0: classifier-free guidance training
+
+    # Optimiser.
+    config.optim = ml_collections.ConfigDict()
+    config.optim.optimizer = "adam"  # adam | adamw
+    config.optim.learning_rate = 1e-3
+    config.optim.lr_schedule = "cosine"  # constant | cosine | linear (after warm-up)
+    config.optim.warmup_steps = 100
+    config.optim.end_lr_factor = 0.05
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.weight_decay = 0.0
+    config.optim.grad_clip_norm = 1.0  # 0: no clipping
+    config.optim.grad_accum_steps = 1
+
+    config.ema = ml_collections.ConfigDict()
+    config.ema.decay = 0.999
+    config.ema.warmup = True
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 64
+    config.train.num_steps = 3000
+    config.train.log_every_steps = 100
+    config.train.on_nonfinite = "stop"  # stop | skip
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 1000
+    config.checkpoint.keep = 3
+    config.checkpoint.async_save = True
+
+    config.sample = ml_collections.ConfigDict()
+    config.sample.every_steps = 1000  # 0: only at the end
+    config.sample.num_samples = 64  # 0: no samples
+    config.sample.sampler = "ddpm"
+    config.sample.num_steps = config_dict.placeholder(int)  # None: all T steps
+    config.sample.eta = 0.0
+    config.sample.clip_denoised = True
+
+    config.sharding = ml_collections.ConfigDict()
+    config.sharding.fsdp_min_size = 0  # > 0: shard parameters with at least this many elements
+
+    return config

@@ -1,0 +1,216 @@
+"""Orbax checkpoints of a training run, and loading the EMA parameters back for sampling.
+
+A workdir holds ``config.json`` (the run's :class:`Config`) and ``checkpoints/<step>/`` with three
+items: ``state`` (the whole :class:`TrainState`: params, EMA, optimiser state, step, PRNG key),
+``data`` (each process's data-iterator position, via grain's Orbax handler) and ``config``. Orbax
+writes each step into a temporary directory and renames it when complete, so a crash mid-save
+leaves the previous checkpoint as the newest good one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from diffusion_jax import config_utils
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.json"
+
+
+def make_manager(workdir: epath.PathLike, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    """An Orbax ``CheckpointManager`` for ``workdir/checkpoints`` keeping the newest ``keep`` steps.
+
+    Saves happen only when :func:`save` is called (the trainer decides when); leftover temporary
+    directories of interrupted saves are removed on creation.
+    """
+    directory = epath.Path(workdir) / CHECKPOINT_DIR
+    policies = getattr(ocp, "checkpoint_managers", None)
+    if policies is not None and hasattr(policies, "LatestN"):
+        keep_kw: dict[str, Any] = {"preservation_policy": policies.LatestN(keep)}
+    else:  # older Orbax
+        keep_kw = {"max_to_keep": keep}
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=1,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save,
+        **keep_kw,
+    )
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data", "config"))
+
+
+def _has_state(data_iter: Any) -> bool:
+    return data_iter is not None and hasattr(data_iter, "get_state")
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    data_iter: Any,
+    config: config_utils.Config,
+    data_shape: tuple[int, ...],
+) -> None:
+    """Starts saving ``state``, the iterator position, the config and the shape of one example
+    (``data_shape``, e.g. (H, W, C)) as checkpoint ``step``.
+
+    With async saving this returns once the arrays are copied off the devices; the files are written
+    in the background (call ``manager.wait_until_finished()`` before exiting). All processes call it.
+    """
+    import grain
+
+    run = {"config": config.to_dict(), "data_shape": list(data_shape)}
+    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(run)}
+    if _has_state(data_iter):
+        items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    manager.save(step, args=ocp.args.Composite(**items))
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any
+) -> tuple[Any, int] | None:
+    """(state, step) from the newest readable checkpoint, also moving ``data_iter`` to its position.
+
+    ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings (where to put the
+    arrays). A checkpoint that fails to load is skipped with a warning in favour of the one before.
+    Returns None when there is no readable checkpoint.
+    """
+    import grain
+
+    for step in sorted(manager.all_steps(), reverse=True):
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if _has_state(data_iter):
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - any failure means: this checkpoint is unusable
+            logging.warning(
+                "Checkpoint at step %d in %s could not be restored (%s: %s); trying the previous one.",
+                step, manager.directory, type(e).__name__, e,
+            )  # fmt: skip
+            continue
+        return restored.state, step
+    return None
+
+
+def reached_preemption(manager: ocp.CheckpointManager, step: int) -> bool:
+    """True on every process at the same step once any process got a preemption notice (multi-host
+    runs with ``jax.distributed``); False otherwise."""
+    try:
+        return bool(manager.reached_preemption(step))
+    except RuntimeError:
+        return False
+
+
+def read_config(workdir: epath.PathLike) -> dict[str, Any] | None:
+    """The ``config.json`` of a workdir as a dict, or None if there is none."""
+    path = epath.Path(workdir) / CONFIG_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_config(workdir: epath.PathLike, config: config_utils.Config) -> None:
+    """Writes ``workdir/config.json`` (process 0 only; atomically, via a temporary file)."""
+    if jax.process_index() != 0:
+        return
+    path = epath.Path(workdir) / CONFIG_FILE
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    tmp.rename(path)
+
+
+def check_workdir(workdir: epath.PathLike, config: config_utils.Config) -> None:
+    """Refuses a workdir whose ``config.json`` defines a different model, data or optimiser state.
+
+    Settings that only change how a run proceeds (steps, logging, checkpointing, sampling, learning
+    rate) may change between runs; see :data:`config_utils.STATE_DEFINING_KEYS`.
+    """
+    saved = read_config(workdir)
+    if saved is None:
+        return
+    changes = config_utils.incompatible_changes(saved, config.to_dict())
+    if changes:
+        raise ValueError(
+            f"workdir {workdir} holds a run with an incompatible config, which it would overwrite:\n  "
+            + "\n  ".join(changes)
+            + f"\nUse a new --workdir, or restore these settings to continue that run (its config is "
+            f"{epath.Path(workdir) / CONFIG_FILE})."
+        )
+
+
+def _latest_good_step(directory: epath.Path, step: int | None) -> int:
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(create=False), item_names=("state", "config")
+    )
+    steps = manager.all_steps()
+    manager.close()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {directory}")
+    if step is None:
+        return max(steps)
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; there are {sorted(steps)}")
+    return step
+
+
+def load_ema_params(
+    workdir: epath.PathLike, step: int | None = None
+) -> tuple[Any, config_utils.Config]:
+    """(EMA params, typed Config) of the checkpoint at ``step`` (default: the newest) in ``workdir``.
+
+    Only the EMA parameters are read, onto the first local device, whatever the mesh of the run
+    that wrote them. Rebuild the network with ``config_utils.build_model(config)`` and a sampler with
+    ``config_utils.build_sampler(config)``, or use :func:`load_sampler`.
+    """
+    params, config, _ = _load(workdir, step)
+    return params, config
+
+
+class LoadedSampler(NamedTuple):
+    """A trained run ready to sample: ``sample(params, rng, (n, *data_shape), **model_kwargs)``."""
+
+    sample: Callable[..., Any]
+    params: Any
+    config: config_utils.Config
+    data_shape: tuple[int, ...]
+
+
+def load_sampler(
+    workdir: epath.PathLike, step: int | None = None, **sample_overrides: Any
+) -> LoadedSampler:
+    """The EMA parameters of a run with its sampler; ``sample_overrides`` replace ``config.sample``
+    entries, e.g. ``sampler="ddim", num_steps=50``."""
+    params, config, data_shape = _load(workdir, step)
+    sample = config_utils.build_sampler(config, **sample_overrides)
+    return LoadedSampler(sample, params, config, data_shape)
+
+
+def _load(workdir: epath.PathLike, step: int | None):
+    directory = epath.Path(workdir) / CHECKPOINT_DIR
+    step = _latest_good_step(directory, step)
+    step_dir = directory / str(step)
+    run = json.loads((step_dir / "config" / "metadata").read_text())
+    config = config_utils.parse_config(run["config"])
+    data_shape = tuple(run["data_shape"])
+    model = config_utils.build_model(config)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.eval_shape(
+        lambda: config_utils.init_params(model, config, data_shape, jax.random.key(0))
+    )
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=device), abstract)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item={"ema_params": abstract},
+                restore_args={"ema_params": restore_args},
+                partial_restore=True,
+            ),
+        )
+    return restored["ema_params"], config, data_shape

@@ -1,0 +1,446 @@
+"""Training configs: an ``ml_collections.ConfigDict`` from ``configs/*.py`` -> one typed, checked :class:`Config`.
+
+This is the only place that reads a ConfigDict. :func:`parse_config` rejects unknown keys (naming
+the key and the nearest known one) and bad values, and returns frozen dataclasses; the U-Net, the
+schedule and the samplers are then built from those by :func:`build_model`, :func:`build_schedule`
+and :func:`build_sampler`, and never see a ConfigDict.
+
+Step counts are in batches (calls of the training step); with ``optim.grad_accum_steps = k`` the
+optimiser, the learning-rate schedule and the EMA advance once every k batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import diffusion_jax as dj
+from diffusion_jax.models import MLPDenoiser, UNet
+
+MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "mlp": MLPDenoiser}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Keys whose change makes an existing workdir's checkpoints unusable (different arrays or meaning).
+STATE_DEFINING_KEYS = (
+    "model",
+    "diffusion",
+    "data.source",
+    "data.name",
+    "data.image_size",
+    "data.channels",
+    "data.use_labels",
+    "optim.optimizer",
+    "optim.grad_accum_steps",
+)
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, or its value has the wrong type or is out of range."""
+
+
+def _choice(path: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{path}={value!r} is not one of {allowed}.")
+
+
+def _at_least(path: str, value: Any, low: float, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < low:
+        raise ConfigError(f"{path}={value!r} must be >= {low}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """``name`` ("unet" | "mlp") and the keyword arguments of that Flax module (dtype as a string)."""
+
+    name: str = "unet"
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        _choice("model.name", self.name, tuple(MODELS))
+        known = _module_fields(MODELS[self.name])
+        for key, value in self.kwargs.items():
+            if key not in known:
+                raise ConfigError(_unknown_key_message(f"model.{key}", key, known, self.name))
+            if key in ("dtype", "param_dtype"):
+                _choice(f"model.{key}", value, tuple(DTYPES))
+
+    def module_kwargs(self) -> dict[str, Any]:
+        """The constructor arguments: sequences as tuples, dtype strings as JAX dtypes."""
+        out = {}
+        for key, value in self.kwargs.items():
+            if key in ("dtype", "param_dtype"):
+                value = DTYPES[value]
+            elif isinstance(value, list):
+                value = tuple(value)
+            out[key] = value
+        return out
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes of a class-conditional model (None if unconditional)."""
+        return self.kwargs.get("num_classes")
+
+    @property
+    def learn_sigma(self) -> bool:
+        return bool(self.kwargs.get("learn_sigma", False))
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process and the training loss (see :func:`dj.make_schedule`, :func:`dj.diffusion_loss`).
+
+    ``loss``: "simple" (L_simple, Ho et al. eq. 14) or "hybrid" (L_simple + lambda_vlb L_vlb for a
+    ``learn_sigma`` model). ``label_dropout``: fraction of labels replaced by the null class
+    (classifier-free guidance training).
+    """
+
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    beta_start: float | None = None
+    beta_end: float | None = None
+    prediction: str = "eps"
+    loss: str = "simple"
+    loss_type: str = "l2"
+    min_snr_gamma: float | None = None
+    lambda_vlb: float = 1e-3
+    label_dropout: float = 0.0
+
+    def __post_init__(self):
+        _choice("diffusion.schedule", self.schedule, dj.schedules.SCHEDULE_NAMES)
+        _at_least("diffusion.num_timesteps", self.num_timesteps, 2)
+        _choice("diffusion.prediction", self.prediction, ("eps", "x0", "v"))
+        _choice("diffusion.loss", self.loss, ("simple", "hybrid"))
+        _choice("diffusion.loss_type", self.loss_type, ("l2", "l1"))
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ConfigError(f"diffusion.min_snr_gamma={self.min_snr_gamma!r} must be > 0 or None.")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ConfigError(f"diffusion.label_dropout={self.label_dropout!r} must be in [0, 1).")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Adam / AdamW with linear warm-up, then a constant, cosine or linear learning rate.
+
+    ``grad_clip_norm``: clip the global gradient norm to this (0: no clipping).
+    ``grad_accum_steps``: average the gradients of this many batches per update (``optax.MultiSteps``).
+    ``end_lr_factor``: the cosine / linear schedules end at ``learning_rate * end_lr_factor``.
+    """
+
+    optimizer: str = "adam"
+    learning_rate: float = 2e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    end_lr_factor: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0
+    grad_accum_steps: int = 1
+
+    def __post_init__(self):
+        _choice("optim.optimizer", self.optimizer, ("adam", "adamw"))
+        _choice("optim.lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        if not self.learning_rate > 0:
+            raise ConfigError(f"optim.learning_rate={self.learning_rate!r} must be > 0.")
+        _at_least("optim.warmup_steps", self.warmup_steps, 0)
+        _at_least("optim.weight_decay", self.weight_decay, 0.0)
+        _at_least("optim.grad_accum_steps", self.grad_accum_steps, 1)
+        _at_least("optim.grad_clip_norm", self.grad_clip_norm, 0.0)
+        if self.weight_decay and self.optimizer == "adam":
+            raise ConfigError(
+                f"optim.weight_decay={self.weight_decay} needs optim.optimizer='adamw' (Adam has none)."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class EmaConfig:
+    """EMA of the parameters: ema <- decay * ema + (1 - decay) * params after each update.
+
+    ``warmup``: use min(decay, (1 + n) / (10 + n)) at update n, so early EMAs track the weights.
+    """
+
+    decay: float = 0.9999
+    warmup: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.decay < 1.0:
+            raise ConfigError(f"ema.decay={self.decay!r} must be in [0, 1).")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: global ``batch_size`` (split over all devices and hosts), ``num_steps`` batches.
+
+    ``on_nonfinite``: "stop" (raise, naming the step; the last checkpoint stays as it was) or "skip"
+    (drop the update of that batch and count it in the ``nonfinite_steps`` scalar).
+    """
+
+    batch_size: int = 128
+    num_steps: int = 10_000
+    log_every_steps: int = 100
+    on_nonfinite: str = "stop"
+
+    def __post_init__(self):
+        _at_least("train.batch_size", self.batch_size, 1)
+        _at_least("train.num_steps", self.num_steps, 0)
+        _at_least("train.log_every_steps", self.log_every_steps, 1)
+        _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints every ``every_steps`` batches and at the end; the newest ``keep`` are kept."""
+
+    every_steps: int = 5000
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        _at_least("checkpoint.every_steps", self.every_steps, 1)
+        _at_least("checkpoint.keep", self.keep, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Sample grids of ``num_samples`` (0: none) from the EMA parameters every ``every_steps`` batches
+    (0: only at the end).
+
+    ``sampler`` and ``num_steps`` (None: all T steps) as in :func:`dj.make_sampler`.
+    """
+
+    every_steps: int = 0
+    num_samples: int = 64
+    sampler: str = "ddpm"
+    num_steps: int | None = None
+    eta: float = 0.0
+    clip_denoised: bool = True
+
+    def __post_init__(self):
+        _at_least("sample.every_steps", self.every_steps, 0)
+        _at_least("sample.num_samples", self.num_samples, 0)
+        _choice("sample.sampler", self.sampler, dj.sampling.SAMPLERS)
+        _at_least("sample.num_steps", self.num_steps, 1, allow_none=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingConfig:
+    """Parameters with at least ``fsdp_min_size`` elements are sharded over the ``data`` axis
+    (FSDP-style, with their optimiser and EMA copies); 0 replicates every parameter."""
+
+    fsdp_min_size: int = 0
+
+    def __post_init__(self):
+        _at_least("sharding.fsdp_min_size", self.fsdp_min_size, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole training run; built only by :func:`parse_config`."""
+
+    seed: int
+    data: Any  # diffusion_jax.data.DataConfig, checked by data.to_data_config
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    optim: OptimConfig
+    ema: EmaConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    sample: SampleConfig
+    sharding: ShardingConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready nested dict that :func:`parse_config` turns back into this config."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, ModelConfig):
+                value = {"name": value.name, **value.kwargs}
+            elif dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            out[f.name] = value
+        return json.loads(json.dumps(out))  # tuples -> lists: what a JSON file gives back
+
+
+_SECTIONS = {
+    "diffusion": DiffusionConfig,
+    "optim": OptimConfig,
+    "ema": EmaConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "sample": SampleConfig,
+    "sharding": ShardingConfig,
+}
+
+
+def _module_fields(module_cls: type[nn.Module]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(module_cls) if f.name not in ("parent", "name"))
+
+
+def _unknown_key_message(path: str, key: str, known: tuple[str, ...], where: str = "") -> str:
+    near = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean {near[0]!r}?" if near else ""
+    where = f" for model {where!r}" if where else ""
+    return f"unknown config key {path!r}{where}.{hint} Known keys: {sorted(known)}."
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    if isinstance(cfg, Mapping):
+        return {k: _as_dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
+    raise ConfigError(f"expected a ConfigDict or a mapping, got {type(cfg).__name__}.")
+
+
+def _check_type(path: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against a field's type hint (int, float, bool, str, X | None); ints widen to float."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{path} must not be None.")
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{path}={value!r} has type {type(value).__name__}; expected {names}.")
+
+
+def _section(cls: type, values: Mapping[str, Any], path: str):
+    hints = typing.get_type_hints(cls)
+    known = tuple(hints)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(_unknown_key_message(f"{path}.{key}", key, known))
+        kwargs[key] = _check_type(f"{path}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def parse_config(cfg: Any) -> Config:
+    """Checks a training config (ConfigDict or nested mapping) and returns the typed :class:`Config`.
+
+    Missing keys take the dataclass defaults; an unknown key anywhere raises :class:`ConfigError`
+    naming it. The ``data`` section is checked by ``diffusion_jax.data.to_data_config``.
+    """
+    from diffusion_jax import data as data_lib
+
+    values = _as_dict(cfg)
+    top = ("seed", "data", "model") + tuple(_SECTIONS)
+    for key in values:
+        if key not in top:
+            raise ConfigError(_unknown_key_message(key, key, top))
+    seed = _check_type("seed", values.get("seed", 0), int)
+    try:
+        data_cfg = data_lib.to_data_config(values.get("data", {}))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    model_values = dict(values.get("model", {}))
+    name = model_values.pop("name", "unet")
+    model = ModelConfig(name=name, kwargs=model_values)
+    sections = {
+        key: _section(cls, values.get(key, {}), key) for key, cls in _SECTIONS.items()
+    }
+    config = Config(seed=seed, data=data_cfg, model=model, **sections)
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: Config) -> None:
+    """Checks between sections: loss vs learned variance, labels vs classes."""
+    if config.diffusion.loss == "hybrid" and not config.model.learn_sigma:
+        raise ConfigError("diffusion.loss='hybrid' needs model.learn_sigma=True.")
+    if config.model.learn_sigma and config.diffusion.loss != "hybrid":
+        raise ConfigError("model.learn_sigma=True needs diffusion.loss='hybrid' to train the variance.")
+    if config.diffusion.label_dropout and config.model.num_classes is None:
+        raise ConfigError("diffusion.label_dropout > 0 needs a class-conditional model (model.num_classes).")
+    if config.model.num_classes is not None and not config.data.use_labels:
+        raise ConfigError("model.num_classes is set but data.use_labels=False: the model needs labels.")
+
+
+def incompatible_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Differences in :data:`STATE_DEFINING_KEYS` between two ``Config.to_dict()``s, as 'key: old -> new'."""
+    changes = []
+
+    def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    old, new = flat(saved), flat(current)
+    for key in sorted(set(old) | set(new)):
+        if any(key == k or key.startswith(k + ".") for k in STATE_DEFINING_KEYS):
+            if old.get(key) != new.get(key):
+                changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
+
+
+def build_model(config: Config) -> nn.Module:
+    """The Flax denoiser named by ``config.model``."""
+    return MODELS[config.model.name](**config.model.module_kwargs())
+
+
+def build_schedule(config: Config) -> dj.Schedule:
+    """The diffusion :class:`Schedule` of ``config.diffusion``."""
+    d = config.diffusion
+    kwargs = {k: v for k, v in (("beta_start", d.beta_start), ("beta_end", d.beta_end)) if v is not None}
+    return dj.make_schedule(d.schedule, d.num_timesteps, **kwargs)
+
+
+def init_params(
+    model: nn.Module, config: Config, data_shape: tuple[int, ...], rng: jax.Array
+) -> Any:
+    """Fresh parameters of ``model`` for examples of shape ``data_shape`` ((H, W, C) or (D,))."""
+    x = jnp.zeros((1, *data_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = None if config.model.num_classes is None else jnp.zeros((1,), jnp.int32)
+    return model.init({"params": rng}, x, t, y, train=False)["params"]
+
+
+def denoise_fn_for(model: nn.Module) -> Callable[..., jax.Array]:
+    """``denoise_fn(params, x_t, t, y=None)``: the model in inference mode, as samplers expect."""
+
+    def denoise_fn(params: Any, x_t: jax.Array, t: jax.Array, y: jax.Array | None = None):
+        return model.apply({"params": params}, x_t, t, y, train=False)
+
+    return denoise_fn
+
+
+def build_sampler(config: Config, model: nn.Module | None = None, **overrides: Any):
+    """``sample(params, rng, shape, **model_kwargs)`` for ``config``'s model, schedule and sampler.
+
+    ``overrides`` replace entries of ``config.sample`` (sampler, num_steps, eta, clip_denoised).
+    A learned-variance model samples with the learned range (improved-DDPM).
+    """
+    s = dataclasses.replace(config.sample, **overrides)
+    model = build_model(config) if model is None else model
+    return dj.make_sampler(
+        denoise_fn_for(model),
+        build_schedule(config),
+        sampler=s.sampler,
+        num_steps=s.num_steps,
+        prediction=config.diffusion.prediction,
+        variance="learned_range" if config.model.learn_sigma else "fixed_small",
+        clip_denoised=s.clip_denoised,
+        eta=s.eta,
+    )

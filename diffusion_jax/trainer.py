@@ -1,0 +1,446 @@
+"""Training a DDPM: one jit-compiled, sharded step, and :func:`train_and_evaluate` around it.
+
+The step (Ho et al. Algorithm 1) draws t and eps for the whole global batch from
+``fold_in(rng, step)``, so the same seed gives the same run on any number of devices or hosts. It
+takes one optimiser step (or one micro-step of gradient accumulation), updates the EMA of the
+parameters, and drops the update of a batch whose loss or gradient is not finite.
+
+:func:`train_and_evaluate` restores the newest checkpoint in ``workdir`` or starts afresh, then
+loops: log scalars to TensorBoard, save Orbax checkpoints, draw sample grids from the EMA weights,
+and on SIGTERM or a preemption notice save and return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+
+import diffusion_jax as dj
+from diffusion_jax import checkpoints, config_utils, images, sharding
+from diffusion_jax.config_utils import Config
+from diffusion_jax.train_state import (
+    TrainState,
+    ema_decay,
+    make_optimizer,
+    select_tree,
+    update_ema,
+)
+
+RNG_STREAMS = ("init", "train", "sample", "data")
+Metrics = dict[str, jax.Array]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient norm became NaN or infinite (``train.on_nonfinite = "stop"``)."""
+
+
+def rng_streams(seed: int) -> dict[str, jax.Array]:
+    """One seed split once into named PRNG keys: ``init`` (parameters), ``train`` (t, eps, dropout;
+    folded with the step), ``sample`` (the sample grids) and ``data`` (the input pipeline's seed)."""
+    keys = jax.random.split(jax.random.key(seed), len(RNG_STREAMS))
+    return dict(zip(RNG_STREAMS, keys, strict=True))
+
+
+def init_state(
+    model: nn.Module, config: Config, data_shape: tuple[int, ...], tx: optax.GradientTransformation
+) -> TrainState:
+    """The step-0 :class:`TrainState` (pure; run under ``jax.eval_shape`` or ``jax.jit``)."""
+    streams = rng_streams(config.seed)
+    params = config_utils.init_params(model, config, data_shape, streams["init"])
+    return TrainState.create(params, tx, streams["train"])
+
+
+def make_train_step(
+    model: nn.Module,
+    config: Config,
+    tx: optax.GradientTransformation,
+    learning_rate_fn: optax.Schedule,
+) -> Callable[[TrainState, dict[str, jax.Array], dj.Schedule], tuple[TrainState, Metrics]]:
+    """``train_step(state, batch, schedule) -> (state, metrics)`` for one global batch.
+
+    ``batch``: {"x": [B, ...] in [-1, 1], "label": int32 [B] (class-conditional models only)}.
+    ``metrics``: scalar ``loss`` (mean over the batch), ``grad_norm`` (global L2 norm before
+    clipping), ``learning_rate`` and ``finite`` (False: the update was dropped).
+    """
+    diffusion, accum = config.diffusion, config.optim.grad_accum_steps
+    num_classes = config.model.num_classes
+
+    def loss_fn(params, batch, rng, schedule):
+        loss_rng, dropout_rng, label_rng = jax.random.split(rng, 3)
+        y = None
+        if num_classes is not None:
+            y = batch["label"]
+            if diffusion.label_dropout > 0:  # the null class, for classifier-free guidance
+                drop = jax.random.bernoulli(label_rng, diffusion.label_dropout, y.shape)
+                y = jnp.where(drop, num_classes, y)
+
+        def model_fn(x_t, t):
+            variables = {"params": params}
+            return model.apply(variables, x_t, t, y, train=True, rngs={"dropout": dropout_rng})
+
+        if diffusion.loss == "hybrid":
+            per_example = dj.hybrid_loss(
+                schedule, model_fn, batch["x"], loss_rng,
+                prediction=diffusion.prediction, lambda_vlb=diffusion.lambda_vlb,
+            )  # fmt: skip
+        else:
+            per_example = dj.diffusion_loss(
+                schedule, model_fn, batch["x"], loss_rng, prediction=diffusion.prediction,
+                loss_type=diffusion.loss_type, min_snr_gamma=diffusion.min_snr_gamma,
+            )  # fmt: skip
+        return jnp.mean(per_example)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], schedule: dj.Schedule):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, state.step_rng(), schedule)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        ema = update_ema(state.ema_params, params, ema_decay(config.ema, step // accum))
+        if accum > 1:  # the optimiser (and so the EMA) moves once every `accum` batches
+            ema = select_tree(step % accum == 0, ema, state.ema_params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, ema, opt_state = select_tree(
+            finite, (params, ema, opt_state), (state.params, state.ema_params, state.opt_state)
+        )
+        first_bad = (~finite) & (state.first_nonfinite_step < 0)
+        new_state = state.replace(
+            step=step,
+            params=params,
+            ema_params=ema,
+            opt_state=opt_state,
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+            first_nonfinite_step=jnp.where(first_bad, step, state.first_nonfinite_step),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": jnp.asarray(learning_rate_fn(state.step // accum), jnp.float32),
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_sample_grid_fn(
+    model: nn.Module, config: Config, data_shape: tuple[int, ...], mesh: jax.sharding.Mesh
+) -> Callable[[Any], jax.Array]:
+    """Jitted ``sample_grid(ema_params) -> [num_samples, *data_shape]``, always from the same noise.
+
+    Class-conditional models get the labels 0, 1, 2, ... in turn.
+    """
+    sampler = config_utils.build_sampler(config, model)
+    n = config.sample.num_samples
+    shape = (n, *data_shape)
+    num_classes = config.model.num_classes
+    seed = config.seed
+
+    def sample_grid(params):
+        rng = rng_streams(seed)["sample"]
+        if num_classes is None:
+            return sampler(params, rng, shape)
+        return sampler(params, rng, shape, y=jnp.arange(n, dtype=jnp.int32) % num_classes)
+
+    divisible = n % mesh.devices.size == 0
+    out = sharding.batch_sharding(mesh) if divisible else sharding.replicated(mesh)
+    return jax.jit(sample_grid, out_shardings=out)
+
+
+class _Termination:
+    """Remembers a SIGTERM (single-process runs; multi-host runs use JAX's preemption sync point)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting.")
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Termination]:
+        install = (
+            not jax.distributed.is_initialized()
+            and threading.current_thread() is threading.main_thread()
+        )
+        if install:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        try:
+            yield self
+        finally:
+            if install:
+                signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Writer:
+    """TensorBoard scalars and images (process 0 only; other processes do nothing)."""
+
+    def __init__(self, logdir: epath.Path, active: bool):
+        self._writer = None
+        if active:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir=str(logdir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer:
+            for name, value in values.items():
+                self._writer.add_scalar(name, value, step)
+            self._writer.flush()
+
+    def image(self, step: int, name: str, picture_uint8: np.ndarray) -> None:
+        if self._writer:
+            self._writer.add_image(name, picture_uint8, step, dataformats="HWC")
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _summarize(metrics: list[Metrics]) -> dict[str, float]:
+    """Means over a log interval of the metrics of finite steps (host numpy)."""
+    host = jax.device_get(metrics)
+    finite = [m for m in host if bool(m["finite"])]
+    out = {"nonfinite_in_interval": float(len(host) - len(finite))}
+    for key in ("loss", "grad_norm", "learning_rate"):
+        values = [float(m[key]) for m in finite]
+        out[key] = float(np.mean(values)) if values else float("nan")
+    return out
+
+
+def _check_finite(state: TrainState, config: Config, last_saved: int | None, workdir: epath.Path) -> int:
+    """Number of dropped (non-finite) steps so far; raises in ``on_nonfinite = "stop"`` mode."""
+    count, first = (int(v) for v in jax.device_get((state.nonfinite_steps, state.first_nonfinite_step)))
+    if count and config.train.on_nonfinite == "stop":
+        saved = (
+            f"the last checkpoint (step {last_saved}) in {workdir / checkpoints.CHECKPOINT_DIR} is untouched"
+            if last_saved is not None
+            else "no checkpoint was written"
+        )
+        raise NonFiniteLossError(
+            f"the loss or gradient became non-finite (NaN or inf) at step {first}; stopping, and "
+            f"{saved}. Lower optim.learning_rate, check the data, or set train.on_nonfinite='skip' "
+            "to drop such steps instead."
+        )
+    return count
+
+
+def train_and_evaluate(
+    config: Any, workdir: str | epath.PathLike, *, hooks: Sequence[Callable[[int], None]] = ()
+) -> TrainState:
+    """Trains the model of ``config`` (a ConfigDict from ``configs/`` or a parsed :class:`Config`),
+    writing checkpoints, ``config.json``, TensorBoard logs and sample PNGs into ``workdir``.
+
+    Resumes from the newest checkpoint in ``workdir`` if there is one. Returns the final state.
+    ``hooks`` are called as ``hook(step)`` on every process after every step (notebook progress
+    bars, tests that inject failures). On SIGTERM or a TPU preemption notice it saves and returns
+    early; rerun the same command to continue.
+    """
+    from diffusion_jax import data
+
+    cfg = config if isinstance(config, Config) else config_utils.parse_config(config)
+    workdir = epath.Path(workdir)
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh()
+    local_batch = sharding.check_batch_size(cfg.train.batch_size, mesh)
+    checkpoints.check_workdir(workdir, cfg)
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+    checkpoints.write_config(workdir, cfg)
+
+    info = data.dataset_info(cfg.data)
+    data_shape = tuple(info.shape)
+    if cfg.model.num_classes is not None and info.num_classes is None:
+        raise ValueError(
+            f"model.num_classes={cfg.model.num_classes} but the data ({cfg.data.source}) have no labels."
+        )
+    logging.info(
+        "%d process(es), %d device(s) (%s); global batch %d, %d per process; data %s, %d examples of shape %s",
+        jax.process_count(), mesh.devices.size, jax.devices()[0].platform, cfg.train.batch_size,
+        local_batch, cfg.data.source, info.num_examples, data_shape,
+    )  # fmt: skip
+
+    model = config_utils.build_model(cfg)
+    schedule_host = jax.tree.map(np.asarray, config_utils.build_schedule(cfg))
+    schedule = jax.device_put(schedule_host, sharding.replicated(mesh))
+    tx, lr_fn = make_optimizer(cfg.optim, cfg.train.num_steps)
+
+    abstract_state = jax.eval_shape(lambda: init_state(model, cfg, data_shape, tx))
+    state_shardings = sharding.state_shardings(abstract_state, mesh, cfg.sharding.fsdp_min_size)
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_state.params))
+    logging.info("Model %s with %s parameters", cfg.model.name, f"{num_params:,}")
+
+    data_seed = int(jax.random.randint(rng_streams(cfg.seed)["data"], (), 0, 2**31 - 1))
+    train_iter = data.make_train_iterator(
+        cfg.data,
+        batch_size=local_batch,
+        seed=data_seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+    manager = checkpoints.make_manager(
+        workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+    )
+    writer = _Writer(workdir / "tensorboard", active=is_main)
+    try:
+        with _Termination().installed() as termination:
+            return _train_loop(
+                cfg, workdir, mesh, model, schedule, tx, lr_fn, abstract_state, state_shardings,
+                train_iter, manager, writer, termination, data_shape, hooks,
+            )  # fmt: skip
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+
+
+def _train_loop(
+    cfg: Config,
+    workdir: epath.Path,
+    mesh: jax.sharding.Mesh,
+    model: nn.Module,
+    schedule: dj.Schedule,
+    tx: optax.GradientTransformation,
+    lr_fn: optax.Schedule,
+    abstract_state: TrainState,
+    state_shardings: Any,
+    train_iter: Any,
+    manager: Any,
+    writer: _Writer,
+    termination: _Termination,
+    data_shape: tuple[int, ...],
+    hooks: Sequence[Callable[[int], None]],
+) -> TrainState:
+    is_main = jax.process_index() == 0
+    num_steps = cfg.train.num_steps
+
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
+    )
+    steps_on_disk = sorted(manager.all_steps())
+    restored = checkpoints.restore_latest(manager, target, train_iter)
+    if restored is not None:
+        state, start = restored
+        logging.info("Resuming from the checkpoint at step %d in %s", start, manager.directory)
+    elif steps_on_disk:
+        raise RuntimeError(
+            f"none of the checkpoints {steps_on_disk} in {manager.directory} could be restored (see "
+            "the warnings above); move them away to start this run afresh."
+        )
+    else:
+        init = jax.jit(lambda: init_state(model, cfg, data_shape, tx), out_shardings=state_shardings)
+        state, start = init(), 0
+        logging.info("Starting from scratch (no checkpoint in %s)", manager.directory)
+    last_saved = start if restored is not None else None
+
+    batch_keys = ("x", "label") if cfg.model.num_classes is not None else ("x",)
+    train_step = jax.jit(
+        make_train_step(model, cfg, tx, lr_fn),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    sample_grid = None
+    if cfg.sample.num_samples > 0:
+        sample_grid = make_sample_grid_fn(model, cfg, data_shape, mesh)
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        _check_finite(state, cfg, last_saved, workdir)  # never save a run that must stop
+        checkpoints.save(manager, step, state, train_iter, cfg, data_shape)
+        last_saved = step
+
+    def draw_samples(step: int) -> None:
+        t0 = time.time()
+        samples = sharding.to_host(sample_grid(state.ema_params))
+        if is_main:
+            picture = images.picture(np.asarray(samples))
+            path = workdir / "samples" / f"step_{step:08d}.png"
+            images.save_png(path, picture)
+            writer.image(step, "samples", picture)
+            logging.info("Wrote %s (%.1fs)", path, time.time() - t0)
+
+    pending: list[Metrics] = []
+    interval_start, interval_step, paused = time.time(), start, 0.0
+    step = start
+    for step in range(start + 1, num_steps + 1):
+        local = next(train_iter)
+        batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
+        with jax.transfer_guard("disallow"):
+            state, metrics = train_step(state, batch, schedule)
+        pending.append(metrics)
+        if step == start + 1:  # the first step compiles; time the rest
+            jax.block_until_ready(metrics)
+            logging.info("First step (with compilation) took %.1fs", time.time() - interval_start)
+            interval_start, interval_step, pending = time.time(), step, []
+        for hook in hooks:
+            hook(step)
+
+        if pending and (step % cfg.train.log_every_steps == 0 or step == num_steps):
+            summary = _summarize(pending)
+            nonfinite = _check_finite(state, cfg, last_saved, workdir)
+            elapsed = time.time() - interval_start - paused
+            steps_per_sec = (step - interval_step) / max(elapsed, 1e-9)
+            scalars = {
+                "train/loss": summary["loss"],
+                "train/grad_norm": summary["grad_norm"],
+                "train/learning_rate": summary["learning_rate"],
+                "train/steps_per_sec": steps_per_sec,
+                "train/images_per_sec": steps_per_sec * cfg.train.batch_size,
+                "train/nonfinite_steps": float(nonfinite),
+            }
+            writer.scalars(step, scalars)
+            if is_main:
+                logging.info(
+                    "step %d/%d | loss %.4f | grad_norm %.3f | lr %.2e | %.2f steps/s, %.0f examples/s | ETA %s%s",
+                    step, num_steps, summary["loss"], summary["grad_norm"], summary["learning_rate"],
+                    steps_per_sec, steps_per_sec * cfg.train.batch_size,
+                    _format_duration((num_steps - step) / max(steps_per_sec, 1e-9)),
+                    f" | {nonfinite} non-finite steps skipped" if nonfinite else "",
+                )  # fmt: skip
+            pending, interval_start, interval_step, paused = [], time.time(), step, 0.0
+
+        preempted = termination.requested or checkpoints.reached_preemption(manager, step)
+        pause_start = time.time()
+        if step % cfg.checkpoint.every_steps == 0 or step == num_steps or preempted:
+            save(step)
+        if preempted:
+            manager.wait_until_finished()
+            logging.warning(
+                "Stopped at step %d on a termination request; checkpoint saved. Run the same "
+                "command again to continue.", step,
+            )  # fmt: skip
+            return state
+        every = cfg.sample.every_steps
+        if sample_grid is not None and (step == num_steps or (every and step % every == 0)):
+            draw_samples(step)
+        paused += time.time() - pause_start
+
+    if start >= num_steps:
+        logging.info("Nothing to do: the checkpoint is at step %d and train.num_steps=%d.", start, num_steps)
+    _check_finite(state, cfg, last_saved, workdir)
+    manager.wait_until_finished()
+    return state
