@@ -1,10 +1,13 @@
-r"""The default: a small U-Net on scikit-learn's 8x8 handwritten digits, upsampled to 16x16.
+r"""The default: a small class-conditional U-Net on scikit-learn's 8x8 handwritten digits.
 
     python train.py --config configs/digits.py --workdir /tmp/diffusion_digits
 
-No download (the digits ship inside scikit-learn). On 2 CPU cores it takes about TODO minutes and
-leaves recognisable digits in ``<workdir>/samples/step_*.png``; on one GPU well under a minute.
-Override any key on the command line, e.g. ``--config.train.num_steps=500``.
+No download (the 1797 digits ship inside scikit-learn; the first 1500 train). 1500 steps of batch
+64 with a 0.7M-parameter U-Net at the digits' native 8x8 (upsampling to 16x16 costs 4x the compute
+for no new detail). On 2 CPU cores it takes about TODO minutes and leaves a 10x10 grid of samples,
+one digit class per column, in ``<workdir>/samples/step_*.png``; on one GPU well under a minute.
+Labels are dropped 10% of the time, so the model also samples unconditionally (label 10) and with
+classifier-free guidance. Override any key on the command line, e.g. ``--config.train.num_steps=500``.
 
 This file lists every key of a training config; the other configs import it and change what
 differs. Step counts are in batches.
@@ -23,18 +26,18 @@ def get_config() -> ml_collections.ConfigDict:
     # Input pipeline (diffusion_jax.data.default_data_config() documents every key).
     config.data = data.default_data_config()
     config.data.source = "digits"
-    config.data.image_size = 16  # 8x8 -> 16x16, nearest neighbour
+    config.data.image_size = 8  # the digits' own size
     config.data.channels = 1
 
     # The denoiser: "unet" (images) or "mlp" (points); other keys are that module's arguments.
     config.model = ml_collections.ConfigDict()
     config.model.name = "unet"
     config.model.ch = 32
-    config.model.ch_mult = (1, 2, 2)
+    config.model.ch_mult = (1, 2)  # feature maps of 8x8 and 4x4
     config.model.num_res_blocks = 1
-    config.model.attn_resolutions = (8,)
+    config.model.attn_resolutions = (4,)
     config.model.dropout = 0.0
-    config.model.num_classes = config_dict.placeholder(int)  # e.g. 10 for class-conditional
+    config.model.num_classes = 10  # class-conditional; placeholder(int) (None) for unconditional
     config.model.dtype = "float32"  # compute dtype; "bfloat16" on TPU / recent GPUs
     config.model.remat = False  # recompute residual blocks on the backward pass (saves memory)
 
@@ -49,12 +52,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.loss_type = "l2"
     config.diffusion.min_snr_gamma = config_dict.placeholder(float)
     config.diffusion.lambda_vlb = 1e-3
-    config.diffusion.label_dropout = 0.0  # > 0: classifier-free guidance training
+    config.diffusion.label_dropout = 0.1  # > 0: classifier-free guidance training
 
     # Optimiser.
     config.optim = ml_collections.ConfigDict()
     config.optim.optimizer = "adam"  # adam | adamw
-    config.optim.learning_rate = 1e-3
+    config.optim.learning_rate = 2e-3
     config.optim.lr_schedule = "cosine"  # constant | cosine | linear (after warm-up)
     config.optim.warmup_steps = 100
     config.optim.end_lr_factor = 0.05
@@ -71,20 +74,20 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 64
-    config.train.num_steps = 3000
+    config.train.num_steps = 1500
     config.train.log_every_steps = 100
     config.train.on_nonfinite = "stop"  # stop | skip
 
     config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.every_steps = 1000
+    config.checkpoint.every_steps = 500
     config.checkpoint.keep = 3
     config.checkpoint.async_save = True
 
     config.sample = ml_collections.ConfigDict()
-    config.sample.every_steps = 1000  # 0: only at the end
-    config.sample.num_samples = 64  # 0: no samples
-    config.sample.sampler = "ddpm"
-    config.sample.num_steps = config_dict.placeholder(int)  # None: all T steps
+    config.sample.every_steps = 500  # 0: only at the end
+    config.sample.num_samples = 100  # 0: no samples
+    config.sample.sampler = "ddim"
+    config.sample.num_steps = 100  # respaced; placeholder(int) (None): all T steps
     config.sample.eta = 0.0
     config.sample.clip_denoised = True
 

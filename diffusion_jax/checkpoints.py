@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -78,11 +79,13 @@ def restore_latest(
     """(state, step) from the newest readable checkpoint, also moving ``data_iter`` to its position.
 
     ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings (where to put the
-    arrays). A checkpoint that fails to load is skipped with a warning in favour of the one before.
+    arrays). A checkpoint that fails to load is skipped with a warning in favour of the one before,
+    and moved to ``<workdir>/checkpoints.unreadable/`` so that the run can save that step again.
     Returns None when there is no readable checkpoint.
     """
     import grain
 
+    unreadable = []
     for step in sorted(manager.all_steps(), reverse=True):
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if _has_state(data_iter):
@@ -92,11 +95,32 @@ def restore_latest(
         except Exception as e:  # noqa: BLE001 - any failure means: this checkpoint is unusable
             logging.warning(
                 "Checkpoint at step %d in %s could not be restored (%s: %s); trying the previous one.",
-                step, manager.directory, type(e).__name__, e,
+                step, manager.directory, type(e).__name__, str(e)[:500],
             )  # fmt: skip
+            unreadable.append(step)
             continue
+        _set_aside(manager, unreadable)
         return restored.state, step
     return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Moves unreadable step directories out of the manager's sight (process 0), then reloads."""
+    if not steps:
+        return
+    directory = epath.Path(manager.directory)
+    aside = directory.parent / (directory.name + ".unreadable")
+    if jax.process_index() == 0:
+        aside.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            target = aside / f"{step}.{int(time.time())}"
+            (directory / str(step)).rename(target)
+            logging.warning("Moved the unreadable checkpoint %d to %s", step, target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("diffusion_jax.checkpoints.set_aside")
+    manager.reload()
 
 
 def reached_preemption(manager: ocp.CheckpointManager, step: int) -> bool:
@@ -121,7 +145,7 @@ def write_config(workdir: epath.PathLike, config: config_utils.Config) -> None:
     path = epath.Path(workdir) / CONFIG_FILE
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def check_workdir(workdir: epath.PathLike, config: config_utils.Config) -> None:

@@ -67,6 +67,8 @@ class ModelConfig:
 
     def __post_init__(self):
         _choice("model.name", self.name, tuple(MODELS))
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in self.kwargs.items()}
+        object.__setattr__(self, "kwargs", kwargs)  # lists (from JSON) as tuples: equal configs compare equal
         known = _module_fields(MODELS[self.name])
         for key, value in self.kwargs.items():
             if key not in known:
@@ -78,11 +80,7 @@ class ModelConfig:
         """The constructor arguments: sequences as tuples, dtype strings as JAX dtypes."""
         out = {}
         for key, value in self.kwargs.items():
-            if key in ("dtype", "param_dtype"):
-                value = DTYPES[value]
-            elif isinstance(value, list):
-                value = tuple(value)
-            out[key] = value
+            out[key] = DTYPES[value] if key in ("dtype", "param_dtype") else value
         return out
 
     @property

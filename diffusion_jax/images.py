@@ -66,12 +66,13 @@ def scatter_plot(points: np.ndarray, *, size: int = 256, limit: float | None = N
     return img
 
 
-def picture(samples: np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 3 or 1] picture of samples: a grid for images [N, H, W, C], a scatter for points [N, 2]."""
+def picture(samples: np.ndarray, *, columns: int | None = None) -> np.ndarray:
+    """uint8 [H, W, C] picture of samples: a grid for images [N, H, W, C] (``columns`` wide, small
+    images enlarged to at least 48 pixels), a scatter plot for points [N, 2]."""
     samples = np.asarray(samples)
     if samples.ndim == 4:
-        scale = max(1, 128 // max(samples.shape[1:3]))  # small images get bigger pixels
-        return image_grid(samples, scale=min(scale, 4))
+        scale = -(-48 // max(samples.shape[1:3]))  # ceil: 8x8 digits -> 6x, 32x32 -> 2x
+        return image_grid(samples, columns=columns, scale=scale)
     if samples.ndim == 2 and samples.shape[1] == 2:
         return scatter_plot(samples)
     raise ValueError(f"cannot draw samples of shape {samples.shape}: need [N, H, W, C] or [N, 2].")

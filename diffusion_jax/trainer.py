@@ -42,6 +42,12 @@ RNG_STREAMS = ("init", "train", "sample", "data")
 Metrics = dict[str, jax.Array]
 
 
+def _global_norm(tree: Any) -> jax.Array:
+    """sqrt of the sum of squares of every leaf (``optax.tree.norm``; ``global_norm`` before 0.2.5)."""
+    tree_lib = getattr(optax, "tree", None)
+    return tree_lib.norm(tree) if hasattr(tree_lib, "norm") else optax.global_norm(tree)
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss or the gradient norm became NaN or infinite (``train.on_nonfinite = "stop"``)."""
 
@@ -104,7 +110,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], schedule: dj.Schedule):
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, state.step_rng(), schedule)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = _global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         step = state.step + 1
@@ -377,7 +383,7 @@ def _train_loop(
         t0 = time.time()
         samples = sharding.to_host(sample_grid(state.ema_params))
         if is_main:
-            picture = images.picture(np.asarray(samples))
+            picture = images.picture(np.asarray(samples), columns=cfg.model.num_classes)
             path = workdir / "samples" / f"step_{step:08d}.png"
             images.save_png(path, picture)
             writer.image(step, "samples", picture)

@@ -1,0 +1,282 @@
+"""End to end: the tiny config through trainer.train_and_evaluate on one CPU device, and the ways
+a run fails (non-finite loss, damaged checkpoints, incompatible workdirs, bad configs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import struct
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _train_helpers import ROOT, cache_dir, compilation_cache, tiny_config, worker_env
+from PIL import Image
+
+from diffusion_jax import checkpoints, config_utils, data, trainer
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    with compilation_cache(cache_dir(tmp_path_factory)) as directory:
+        yield directory
+
+
+@pytest.fixture(scope="module")
+def tiny_run(cache, tmp_path_factory):
+    """20 steps of the tiny config: checkpoints at 10 and 20, samples at the end."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    state = trainer.train_and_evaluate(tiny_config(), workdir)
+    return workdir, jax.device_get(state)
+
+
+class MappedIterator:
+    """A data iterator whose batches pass through ``fn(batch, index)``; resumable like grain's."""
+
+    def __init__(self, it, fn):
+        self.it, self.fn, self.index = it, fn, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = self.fn(next(self.it), self.index)
+        self.index += 1
+        return batch
+
+    def get_state(self) -> bytes:
+        return json.dumps({"inner": self.it.get_state(), "index": self.index}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        state = json.loads(state)
+        self.it.set_state(state["inner"])
+        self.index = state["index"]
+
+    def start_prefetch(self) -> None:
+        pass
+
+
+def poison_batch(monkeypatch, step: int) -> None:
+    """Makes the batch of training step ``step`` (1-based) all NaN."""
+    real = data.make_train_iterator
+
+    def poison(batch, index):
+        if index == step - 1:
+            batch = dict(batch, x=np.full_like(batch["x"], np.nan))
+        return batch
+
+    monkeypatch.setattr(data, "make_train_iterator", lambda cfg, **kw: MappedIterator(real(cfg, **kw), poison))
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_run_writes_checkpoints_logs_samples_and_config(tiny_run):
+    workdir, state = tiny_run
+    assert int(state.step) == 20
+    assert checkpoint_steps(workdir) == [10, 20]
+    png = Image.open(workdir / "samples" / "step_00000020.png")
+    assert png.mode == "L" and png.size[0] > 8 * 2  # a grid of 8x8 images, enlarged
+    events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    content = events[0].read_bytes()
+    for tag in (b"train/loss", b"train/grad_norm", b"train/learning_rate", b"train/steps_per_sec", b"samples"):
+        assert tag in content, tag
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"]["ch"] == 32 and saved["train"]["num_steps"] == 20
+    assert config_utils.parse_config(saved) == config_utils.parse_config(tiny_config())
+
+
+def read_scalars(event_file) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard scalars {tag: [(step, value), ...]} of an events file (TFRecord of Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    raw, pos, out = event_file.read_bytes(), 0, {}
+    while pos < len(raw):
+        (length,) = struct.unpack("<Q", raw[pos : pos + 8])
+        event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + length])
+        pos += 12 + length + 4  # length, its CRC, the record, its CRC
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_tensorboard_scalars_show_the_loss_going_down(tiny_run):
+    workdir, _ = tiny_run
+    (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
+    scalars = read_scalars(events)
+    loss = scalars["train/loss"]
+    assert [step for step, _ in loss] == [5, 10, 15, 20]
+    assert loss[-1][1] < 0.7 * loss[0][1], loss
+    assert all(v == pytest.approx(2e-3) for _, v in scalars["train/learning_rate"])
+    assert all(v > 0 for _, v in scalars["train/steps_per_sec"] + scalars["train/images_per_sec"])
+    assert all(v == 0 for _, v in scalars["train/nonfinite_steps"])
+
+
+def test_load_ema_params_and_sampler(tiny_run):
+    workdir, state = tiny_run
+    params, cfg = checkpoints.load_ema_params(workdir)
+    chex.assert_trees_all_equal(params, state.ema_params)
+    assert isinstance(cfg, config_utils.Config) and cfg.model.kwargs["ch"] == 32
+    older, _ = checkpoints.load_ema_params(workdir, step=10)
+    assert not np.array_equal(older["conv_in"]["kernel"], params["conv_in"]["kernel"])
+    loaded = checkpoints.load_sampler(workdir, sampler="ddim", num_steps=3)
+    assert loaded.data_shape == (8, 8, 1)
+    x = loaded.sample(loaded.params, jax.random.key(0), (2, *loaded.data_shape))
+    chex.assert_shape(x, (2, 8, 8, 1))
+    assert bool(jnp.all(jnp.abs(x) <= 1.0))
+    with pytest.raises(FileNotFoundError, match="no checkpoint for step 15"):
+        checkpoints.load_ema_params(workdir, step=15)
+
+
+def test_rerun_of_a_finished_run_does_nothing(tiny_run, tmp_path):
+    workdir, state = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    again = trainer.train_and_evaluate(tiny_config(), copy)
+    chex.assert_trees_all_equal(jax.device_get(again.params), state.params)
+    assert checkpoint_steps(copy) == [10, 20]
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_run, tmp_path, caplog):
+    """The newest checkpoint unreadable, a half-written one beside it: resume from step 10, warn,
+    and reach bit-for-bit the same step-20 state as the uninterrupted run."""
+    workdir, state = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    for f in (copy / "checkpoints" / "20" / "state").rglob("*"):
+        if f.is_file() and f.name != "commit_success.txt":
+            f.write_bytes(b"\x00garbage")
+    half = copy / "checkpoints" / "30.orbax-checkpoint-tmp-1234"  # an interrupted save
+    shutil.copytree(copy / "checkpoints" / "10", half)
+    shutil.rmtree(half / "state")
+
+    with caplog.at_level(logging.WARNING):
+        resumed = trainer.train_and_evaluate(tiny_config(), copy)
+    assert "Checkpoint at step 20" in caplog.text and "could not be restored" in caplog.text
+    chex.assert_trees_all_equal(jax.device_get(resumed.params), state.params)
+    chex.assert_trees_all_equal(jax.device_get(resumed.opt_state), state.opt_state)
+    assert checkpoint_steps(copy) == [10, 20]
+    assert len(list((copy / "checkpoints.unreadable").iterdir())) == 1
+    chex.assert_trees_all_equal(checkpoints.load_ema_params(copy)[0], state.ema_params)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(cache, tmp_path, monkeypatch):
+    poison_batch(monkeypatch, step=13)
+    with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite .* at step 13.*step 10"):
+        trainer.train_and_evaluate(tiny_config(), tmp_path)
+    assert checkpoint_steps(tmp_path) == [10]
+    params, _ = checkpoints.load_ema_params(tmp_path)
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
+
+
+def test_nonfinite_steps_can_be_skipped_and_counted(cache, tmp_path, monkeypatch):
+    poison_batch(monkeypatch, step=13)
+    config = tiny_config()
+    config.train.on_nonfinite = "skip"
+    state = jax.device_get(trainer.train_and_evaluate(config, tmp_path))
+    assert int(state.step) == 20
+    assert int(state.nonfinite_steps) == 1 and int(state.first_nonfinite_step) == 13
+    assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves((state.params, state.opt_state)))
+
+
+def test_incompatible_workdir_is_refused(tiny_run):
+    workdir, _ = tiny_run
+    config = tiny_config()
+    config.model.ch = 64
+    config.train.num_steps = 40  # allowed to change; the model is not
+    with pytest.raises(ValueError, match=r"incompatible config(.|\n)*model.ch: 32 -> 64"):
+        trainer.train_and_evaluate(config, workdir)
+    assert json.loads((workdir / "config.json").read_text())["model"]["ch"] == 32
+
+
+@pytest.mark.parametrize(
+    "section, key, message",
+    [
+        ("optim", "lerning_rate", "'optim.lerning_rate'.*Did you mean 'learning_rate'"),
+        ("model", "chmult", "'model.chmult' for model 'unet'.*Did you mean 'ch_mult'"),
+        ("train", "num_step", "'train.num_step'.*Did you mean 'num_steps'"),
+        ("data", "imagesize", "imagesize"),
+        (None, "sampel", "'sampel'.*Did you mean 'sample'"),
+    ],
+)
+def test_unknown_config_keys_fail_naming_the_key(section, key, message):
+    values = tiny_config().to_dict()
+    (values[section] if section else values)[key] = 1
+    with pytest.raises(ValueError, match=message):
+        config_utils.parse_config(values)
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("train.batch_size", 0, "train.batch_size=0 must be >= 1"),
+        ("optim.optimizer", "sgd", "optim.optimizer='sgd' is not one of"),
+        ("optim.learning_rate", "fast", "optim.learning_rate='fast' has type str; expected float"),
+        ("ema.decay", 1.0, r"ema.decay=1.0 must be in \[0, 1\)"),
+        ("model.name", "transformer", "model.name='transformer' is not one of"),
+        ("diffusion.loss", "hybrid", "needs model.learn_sigma=True"),
+        ("optim.weight_decay", 0.1, "needs optim.optimizer='adamw'"),
+    ],
+)
+def test_invalid_config_values_fail_naming_the_key(path, value, message):
+    values = tiny_config().to_dict()
+    section, key = path.split(".")
+    values[section][key] = value
+    with pytest.raises(ValueError, match=message):
+        config_utils.parse_config(values)
+
+
+def test_every_config_file_parses():
+    import importlib
+
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        config = importlib.import_module(f"configs.{path.stem}").get_config()
+        parsed = config_utils.parse_config(config)
+        assert path.read_text().lstrip().startswith(('r"""', '"""')), f"{path.name} needs a docstring"
+        assert "python train.py --config configs/" in importlib.import_module(f"configs.{path.stem}").__doc__
+        assert config_utils.parse_config(parsed.to_dict()) == parsed
+
+
+def test_cifar10_config_is_the_ddpm_paper_setting():
+    from configs import cifar10
+
+    cfg = config_utils.parse_config(cifar10.get_config())
+    model = config_utils.build_model(cfg)
+    x, t = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t)["params"])
+    assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes)) == 35_746_307
+    assert (cfg.optim.learning_rate, cfg.optim.warmup_steps, cfg.optim.grad_clip_norm) == (2e-4, 5000, 1.0)
+    assert (cfg.train.batch_size, cfg.train.num_steps, cfg.ema.decay) == (128, 800_000, 0.9999)
+    assert (cfg.diffusion.schedule, cfg.diffusion.num_timesteps, cfg.data.random_flip) == ("linear", 1000, True)
+    assert cfg.model.kwargs["dropout"] == 0.1 and cfg.optim.lr_schedule == "constant"
+
+
+def run_cli(args, tmp_path, num_devices=None):
+    env = worker_env(tmp_path / "cache", num_devices)
+    return subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_cli_rejects_an_unknown_override(tmp_path):
+    out = run_cli(["--config.train.num_stepz=3"], tmp_path)
+    assert out.returncode != 0
+    assert "num_stepz" in out.stderr
+
+
+def test_cli_rejects_a_batch_that_does_not_split_over_the_devices(tmp_path):
+    out = run_cli(["--config.train.batch_size=7"], tmp_path, num_devices=2)
+    assert out.returncode != 0
+    assert "train.batch_size=7 must be divisible by the number of devices (2" in out.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()

@@ -1,0 +1,81 @@
+"""The same global batch and seed give the same training on 1, 2 or 4 devices, with parameters
+replicated or FSDP-sharded, and across two processes joined by jax.distributed.
+
+Each device layout compiles its own programs, so these runs train a small MLP on 2-D points (the
+trainer's sharding does not depend on the model); the U-Net runs are in test_train*.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _train_helpers import (
+    POINTS,
+    cache_dir,
+    free_port,
+    load_state,
+    param_leaves,
+    run_worker,
+    start_worker,
+)
+
+RUN = [*POINTS, "--set", "train.num_steps=4", "--set", "checkpoint.every_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return cache_dir(tmp_path_factory)
+
+
+def train(tmp, cache, num_devices, *extra):
+    out = run_worker(["--workdir", str(tmp / "w"), "--out", str(tmp / "s.npz"), *RUN, *extra], cache, num_devices)
+    assert out.returncode == 0, out.stdout
+    assert f"{num_devices} device(s)" in out.stdout
+    return load_state(tmp / "s.npz")
+
+
+@pytest.fixture(scope="module")
+def one_device(cache, tmp_path_factory):
+    return train(tmp_path_factory.mktemp("one_device"), cache, 1)
+
+
+def assert_close(a: dict, b: dict) -> None:
+    """Equal up to float reassociation: summing a batch in another order changes the last bits."""
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("num_devices, fsdp_min_size", [(2, 0), (4, 0), (4, 64)])
+def test_same_training_on_any_device_count(one_device, cache, tmp_path, num_devices, fsdp_min_size):
+    state = train(tmp_path, cache, num_devices, "--set", f"sharding.fsdp_min_size={fsdp_min_size}")
+    assert int(state[".step"]) == 4
+    assert_close(param_leaves(state), param_leaves(one_device))
+    assert_close(param_leaves(state, ".ema_params"), param_leaves(one_device, ".ema_params"))
+
+
+def test_two_processes_agree_with_each_other_and_with_one_process(one_device, cache, tmp_path):
+    """2 processes x 2 devices, each reading half of every global batch; process 0 alone writes."""
+    port, workdir = free_port(), tmp_path / "w"
+    args = ["--workdir", str(workdir), *RUN, "--set", "sample.num_samples=8", "--num_processes", "2", "--port", str(port)]
+    procs = [
+        start_worker([*args, "--process_id", str(i), "--out", str(tmp_path / f"p{i}.npz")], cache, num_devices=2)
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=300)[0])
+        finally:
+            p.kill()
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out
+        assert "2 process(es), 4 device(s)" in out and "4 per process" in out
+    p0, p1 = load_state(tmp_path / "p0.npz"), load_state(tmp_path / "p1.npz")
+    assert all(np.array_equal(p0[k], p1[k]) for k in p0)
+    assert_close(param_leaves(p0), param_leaves(one_device))
+    assert sorted(p.name for p in (workdir / "checkpoints" / "4" / "data").glob("*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json",
+    ]  # fmt: skip
+    assert len(list((workdir / "tensorboard").iterdir())) == 1
+    assert [p.name for p in (workdir / "samples").iterdir()] == ["step_00000004.png"]
