@@ -432,9 +432,9 @@ def test_digits_split_matches_the_data_pipeline():
 
 
 def test_digits_classifier_is_deterministic_and_accurate(tmp_path):
+    short = {**digits_lib._RECIPE, "steps": 100}  # two fresh trainings (not the cache), shortened
+    chex.assert_trees_all_equal(digits_lib._train(**short), digits_lib._train(**short))
     params = ev.train_digits_classifier()
-    again = digits_lib._train(**digits_lib._RECIPE)  # a fresh training, not the cache
-    chex.assert_trees_all_equal(params, again)
     accuracy = ev.digits_accuracy(params)
     print(f"digits classifier held-out accuracy: {accuracy:.4f}")
     assert accuracy >= 0.93  # 0.949 measured
@@ -521,3 +521,217 @@ def test_generate_samples_uses_fixed_seeds():
     np.testing.assert_array_equal(
         a[2:4], sample(None, jax.random.fold_in(jax.random.key(3), 1), (2, 2, 2, 1))
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Inception-v3 (architecture and weight loading only: the real weights cannot be fetched here)
+
+
+def _torch_layout_state_dict(rng):
+    """Random weights named and laid out as pytorch-fid's state dict, from the Flax shapes.
+
+    The inverse of the documented mapping, written independently: kernels HWIO -> OIHW, the
+    classifier transposed, batch-norm statistics under running_mean / running_var.
+    """
+    from diffusion_jax.evaluation import inception
+
+    shapes = jax.eval_shape(
+        lambda: inception.InceptionV3().init(jax.random.key(0), jnp.zeros((1, 299, 299, 3)))
+    )
+    sd = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(dict(shapes)):
+        keys = [p.key for p in path]
+        collection, module, leaf_name = keys[0], keys[1:-1], keys[-1]
+        name = ".".join(module)
+        if leaf_name == "kernel" and module == ["fc"]:
+            sd["fc.weight"] = rng.standard_normal(leaf.shape[::-1]).astype(np.float32) * 0.01
+        elif leaf_name == "kernel":
+            h, w, i, o = leaf.shape
+            kernel = rng.standard_normal((o, i, h, w)) / np.sqrt(h * w * i)
+            sd[name + ".weight"] = kernel.astype(np.float32)
+        elif collection == "batch_stats":
+            torch_name = {"mean": "running_mean", "var": "running_var"}[leaf_name]
+            value = (
+                rng.uniform(0.5, 1.5, leaf.shape)
+                if leaf_name == "var"
+                else rng.normal(0, 0.1, leaf.shape)
+            )
+            sd[f"{name}.{torch_name}"] = value.astype(np.float32)
+        else:
+            torch_name = {"scale": "weight", "bias": "bias"}[leaf_name]
+            value = (
+                rng.uniform(0.5, 1.5, leaf.shape)
+                if leaf_name == "scale"
+                else rng.normal(0, 0.1, leaf.shape)
+            )
+            sd[f"{name}.{torch_name}"] = value.astype(np.float32)
+    sd["Conv2d_1a_3x3.bn.num_batches_tracked"] = np.array(0)  # present in real state dicts
+    return sd
+
+
+def test_inception_architecture_matches_torchvision_parameter_count():
+    from diffusion_jax.evaluation import inception
+
+    model = inception.InceptionV3()
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 299, 299, 3))))
+    num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"]))
+    assert num_params == inception.NUM_PARAMS == 23_850_960
+    features, logits = jax.eval_shape(model.apply, variables, jnp.zeros((2, 299, 299, 3)))
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008)
+    x = inception.preprocess(jnp.zeros((2, 16, 16, 1)))
+    assert x.shape == (2, 299, 299, 3)
+
+
+def test_inception_state_dict_conversion_matches_a_float64_convolution():
+    """One BasicConv2d block: torch-layout weights through the converter vs numpy conv + BN + ReLU."""
+    from diffusion_jax.evaluation import inception
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 2))  # [O, I, kh, kw]: a non-square kernel catches transposes
+    gamma, beta = rng.uniform(0.5, 1.5, 4), rng.normal(0, 0.1, 4)
+    mean, var = rng.normal(0, 0.1, 4), rng.uniform(0.5, 1.5, 4)
+    sd = {
+        "blk.conv.weight": w, "blk.bn.weight": gamma, "blk.bn.bias": beta,
+        "blk.bn.running_mean": mean, "blk.bn.running_var": var,
+    }  # fmt: skip
+    variables = inception.variables_from_state_dict(sd)
+    x = rng.standard_normal((2, 7, 6, 3))
+    block = inception.BasicConv2d(4, (3, 2), strides=2, padding=(1, 0))
+    got = block.apply({k: v["blk"] for k, v in variables.items()}, jnp.asarray(x, jnp.float32))
+    xp = np.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0)))
+    out_h, out_w = (7 + 2 - 3) // 2 + 1, (6 - 2) // 2 + 1
+    want = np.zeros((2, out_h, out_w, 4))
+    for i in range(out_h):
+        for j in range(out_w):
+            patch = xp[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 2, :]  # [B, kh, kw, I]
+            want[:, i, j, :] = np.einsum("bhwi,oihw->bo", patch, w)
+    want = np.maximum((want - mean) / np.sqrt(var + 1e-3) * gamma + beta, 0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_inception_loads_a_state_dict_file_and_extracts_features(tmp_path):
+    from diffusion_jax.evaluation import inception
+
+    sd = _torch_layout_state_dict(np.random.default_rng(0))
+    path = str(tmp_path / "pt_inception.npz")
+    np.savez(path, **sd)
+    variables = inception.load_variables(path)
+    np.testing.assert_array_equal(
+        variables["params"]["Mixed_6b"]["branch7x7_2"]["conv"]["kernel"],
+        np.transpose(sd["Mixed_6b.branch7x7_2.conv.weight"], (2, 3, 1, 0)),
+    )
+    np.testing.assert_array_equal(variables["params"]["fc"]["kernel"], sd["fc.weight"].T)
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["Mixed_7c"]["branch_pool"]["bn"]["var"],
+        sd["Mixed_7c.branch_pool.bn.running_var"],
+    )
+    # A smaller input size (>= 75) keeps the CPU forward pass cheap; 299 is the real one.
+    extract = inception.InceptionFeatures(variables, batch_size=2, size=75)
+    images = np.random.default_rng(1).uniform(-1, 1, (3, 16, 16, 1)).astype(np.float32)
+    feats = extract(images)
+    assert feats.shape == (3, 2048) and np.all(np.isfinite(feats)) and feats.std() > 0
+    np.testing.assert_allclose(extract(images[1:2]), feats[1:2], rtol=1e-4, atol=1e-5)
+    del sd["Mixed_5b.branch_pool.conv.weight"]
+    np.savez(path, **sd)
+    with pytest.raises(ValueError, match="Mixed_5b"):
+        inception.load_variables(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation command's pipeline
+
+
+def _tiny_config(**overrides):
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from configs import tiny
+
+    config = tiny.get_config()
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        setattr(getattr(config, section), name, value)
+    return config
+
+
+def _points_config(**overrides):
+    import ml_collections
+
+    from diffusion_jax import config_utils
+
+    config = _tiny_config(
+        **{"data.source": "moons", "data.num_points": 300, "data.use_labels": False}, **overrides
+    )
+    config.model = ml_collections.ConfigDict({"name": "mlp", "hidden": 16, "num_layers": 1})
+    config.diffusion.label_dropout = 0.0
+    return config_utils.parse_config(config)
+
+
+def test_evaluate_params_on_points_reports_distances_with_floors():
+    from diffusion_jax import config_utils
+    from diffusion_jax.evaluation import pipeline
+
+    config = _points_config()
+    params = config_utils.init_params(
+        config_utils.build_model(config), config, (2,), jax.random.key(0)
+    )
+    result = pipeline.evaluate_params(
+        params, config, (2,), metrics=("ed", "swd", "fd", "pr"), sampler="ddim", num_steps=5,
+        num_samples=100,
+    )  # fmt: skip
+    assert result["features"] == "coordinates" and result["floor_examples"] == 100
+    for name in ("ed", "swd", "fd", "precision", "recall"):
+        assert np.isfinite(result[name]) and np.isfinite(result[name + "_floor"]), name
+    # An untrained network is far from the data; fresh data is not.
+    assert result["swd"] > 3 * result["swd_floor"]
+    with pytest.raises(ValueError, match="8-bit"):
+        pipeline.evaluate_params(params, config, (2,), metrics=("bpd",))
+
+
+def test_evaluate_params_on_digits_reports_fd_pr_bpd_with_floors():
+    """The tiny config (8x8 digits, T = 100) with untrained weights: the samples are upsampled for
+    the digits features, and bits/dim carries all T terms."""
+    from diffusion_jax import config_utils
+    from diffusion_jax.evaluation import pipeline
+
+    config = config_utils.parse_config(_tiny_config())
+    model = config_utils.build_model(config)
+    params = jax.jit(lambda k: config_utils.init_params(model, config, (8, 8, 1), k))(
+        jax.random.key(0)
+    )
+    result = pipeline.evaluate_params(
+        params, config, (8, 8, 1), metrics=("fd", "pr", "bpd"), sampler="ddim", num_steps=5,
+        num_samples=16, bpd_examples=4,
+    )  # fmt: skip
+    assert result["features"] == "digits-mlp-64"
+    assert result["num_samples"] == 16 and result["floor_examples"] == 16
+    assert result["fd"] > result["fd_floor"] > 0
+    assert 0 <= result["precision"] <= 1 and 0 <= result["recall_floor"] <= 1
+    assert result["bpd_examples"] == 4 and result["bpd_timesteps"] == 100
+    assert result["bpd_variance"] == "fixed_large" and len(result["bpd_per_timestep"]) == 100
+    np.testing.assert_allclose(
+        result["bpd"], result["bpd_prior"] + sum(result["bpd_per_timestep"]), rtol=1e-6
+    )
+
+
+def test_evaluate_workdir_writes_json_and_tensorboard(tmp_path):
+    """A 2-step run of a small MLP on 2-D points: the checkpoint, JSON and TensorBoard plumbing."""
+    from diffusion_jax import trainer
+    from diffusion_jax.evaluation import pipeline
+
+    config = _points_config(
+        **{"train.num_steps": 2, "checkpoint.every_steps": 2, "sample.num_samples": 0}
+    )
+    workdir = str(tmp_path / "run")
+    trainer.train_and_evaluate(config, workdir)
+    result = pipeline.evaluate_workdir(
+        workdir, metrics=("ed", "swd"), sampler="ddim", num_steps=5, num_samples=64
+    )
+    assert result["step"] == 2 and result["num_samples"] == 64
+    saved = json.load(open(os.path.join(workdir, "eval", "step_00000002_ddim5.json")))
+    assert saved["ed"] == result["ed"] and saved["swd_floor"] == result["swd_floor"]
+    assert any("tfevents" in f for f in os.listdir(os.path.join(workdir, "tensorboard")))
+    with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
+        pipeline.evaluate_workdir(workdir, step=7)

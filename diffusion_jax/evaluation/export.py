@@ -106,6 +106,7 @@ def generate_samples(
     batch_size: int,
     image_shape: tuple[int, ...],
     seed: int = 0,
+    labels: np.ndarray | None = None,
     **model_kwargs: Any,
 ) -> np.ndarray:
     """``num_samples`` samples [N, *image_shape] (float32, as the sampler returns them).
@@ -113,21 +114,28 @@ def generate_samples(
     ``sample_fn(params, rng, shape, **model_kwargs)`` is a :func:`diffusion_jax.make_sampler` result;
     it is jitted once with the batch shape static, and batch ``i`` uses ``fold_in(key(seed), i)``
     (the last batch is full size, trimmed). The samples depend on ``seed`` and ``batch_size``.
+    ``labels`` [N] (int), if given, are passed per batch as ``y=`` (class-conditional models).
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(
             f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}."
         )
+    num_batches = -(-num_samples // batch_size)
+    if labels is not None:
+        labels = np.asarray(labels, np.int32)
+        if labels.shape != (num_samples,):
+            raise ValueError(f"labels must have shape ({num_samples},), got {labels.shape}.")
+        labels = np.resize(labels, num_batches * batch_size)  # pad the last batch by repetition
     sample = jax.jit(sample_fn, static_argnums=2)
     key = jax.random.key(seed)
     shape = (batch_size, *image_shape)
     out = []
-    for i in range(-(-num_samples // batch_size)):
-        out.append(
-            np.asarray(
-                jax.device_get(sample(params, jax.random.fold_in(key, i), shape, **model_kwargs))
-            )
-        )
+    for i in range(num_batches):
+        kwargs = dict(model_kwargs)
+        if labels is not None:
+            kwargs["y"] = labels[i * batch_size : (i + 1) * batch_size]
+        batch = sample(params, jax.random.fold_in(key, i), shape, **kwargs)
+        out.append(np.asarray(jax.device_get(batch)))
     return np.concatenate(out)[:num_samples]
 
 

@@ -112,21 +112,26 @@ def evaluate_bpd(
     *,
     batch_size: int = 64,
     quantize: bool = True,
+    labels: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Bits/dim of a whole held-out set: mean and standard error of the bound, per-timestep means.
 
     ``data`` is an array [N, ...] (split into batches of ``batch_size``, the last padded and masked so
     that every example counts once and ``bpd_fn`` compiles once) or an iterable of batches.
     Batch ``i`` uses ``fold_in(rng, i)``. ``quantize`` rounds the data to the 8-bit grid first.
+    ``labels`` [N] (with an array ``data``) are passed per batch as ``y=`` (class-conditional models).
     Returns ``{"bpd", "bpd_stderr", "prior_bpd", "decoder_bpd", "vb_bpd": [T], "num_examples"}``
     (floats, bits/dim; ``vb_bpd`` the per-timestep means, 0-based t, summing with ``prior_bpd`` to
     ``bpd``).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if isinstance(data, (np.ndarray, jax.Array)):
+    is_array = isinstance(data, (np.ndarray, jax.Array))
+    if is_array:
         array = np.asarray(data)
         batches = (array[i : i + batch_size] for i in range(0, len(array), batch_size))
+    elif labels is not None:
+        raise ValueError("labels need data given as one array.")
     else:
         batches = iter(data)
     jitted = jax.jit(bpd_fn)
@@ -136,10 +141,14 @@ def evaluate_bpd(
         if quantize:
             batch = quantize_8bit(batch)
         n = batch.shape[0]
-        pad = (-n) % batch_size if isinstance(data, (np.ndarray, jax.Array)) else 0
+        pad = (-n) % batch_size if is_array else 0
         if pad:
             batch = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)])
-        out = jax.device_get(jitted(params, jax.random.fold_in(rng, i), batch))
+        kwargs = {}
+        if labels is not None:
+            y = np.asarray(labels, np.int32)[i * batch_size : i * batch_size + n]
+            kwargs["y"] = np.concatenate([y, np.repeat(y[-1:], pad)]) if pad else y
+        out = jax.device_get(jitted(params, jax.random.fold_in(rng, i), batch, **kwargs))
         totals.append(np.asarray(out["total_bpd"][:n], np.float64))
         priors.append(np.asarray(out["prior_bpd"][:n], np.float64))
         vbs.append(np.asarray(out["vb_bpd"][:n], np.float64))
