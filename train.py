@@ -13,7 +13,9 @@ from ml_collections import config_flags
 from diffusion_jax import sharding
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/*.py).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and sample pictures.")
 flags.mark_flags_as_required(["config", "workdir"])
 

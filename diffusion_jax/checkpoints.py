@@ -25,7 +25,9 @@ CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 
 
-def make_manager(workdir: epath.PathLike, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+def make_manager(
+    workdir: epath.PathLike, *, keep: int = 3, async_save: bool = True
+) -> ocp.CheckpointManager:
     """An Orbax ``CheckpointManager`` for ``workdir/checkpoints`` keeping the newest ``keep`` steps.
 
     Saves happen only when :func:`save` is called (the trainer decides when); leftover temporary
@@ -169,7 +171,9 @@ def check_workdir(workdir: epath.PathLike, config: config_utils.Config) -> None:
 
 def _latest_good_step(directory: epath.Path, step: int | None) -> int:
     manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(create=False), item_names=("state", "config")
+        directory,
+        options=ocp.CheckpointManagerOptions(create=False),
+        item_names=("state", "config"),
     )
     steps = manager.all_steps()
     manager.close()
@@ -178,7 +182,9 @@ def _latest_good_step(directory: epath.Path, step: int | None) -> int:
     if step is None:
         return max(steps)
     if step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; there are {sorted(steps)}")
+        raise FileNotFoundError(
+            f"no checkpoint for step {step} in {directory}; there are {sorted(steps)}"
+        )
     return step
 
 
@@ -226,7 +232,9 @@ def _load(workdir: epath.PathLike, step: int | None):
     abstract = jax.eval_shape(
         lambda: config_utils.init_params(model, config, data_shape, jax.random.key(0))
     )
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
+    )
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=device), abstract)
     with ocp.PyTreeCheckpointer() as ckptr:
         restored = ckptr.restore(

@@ -68,7 +68,9 @@ class ModelConfig:
     def __post_init__(self):
         _choice("model.name", self.name, tuple(MODELS))
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in self.kwargs.items()}
-        object.__setattr__(self, "kwargs", kwargs)  # lists (from JSON) as tuples: equal configs compare equal
+        object.__setattr__(
+            self, "kwargs", kwargs
+        )  # lists (from JSON) as tuples: equal configs compare equal
         known = _module_fields(MODELS[self.name])
         for key, value in self.kwargs.items():
             if key not in known:
@@ -120,7 +122,9 @@ class DiffusionConfig:
         _choice("diffusion.loss", self.loss, ("simple", "hybrid"))
         _choice("diffusion.loss_type", self.loss_type, ("l2", "l1"))
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
-            raise ConfigError(f"diffusion.min_snr_gamma={self.min_snr_gamma!r} must be > 0 or None.")
+            raise ConfigError(
+                f"diffusion.min_snr_gamma={self.min_snr_gamma!r} must be > 0 or None."
+            )
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"diffusion.label_dropout={self.label_dropout!r} must be in [0, 1).")
 
@@ -352,9 +356,7 @@ def parse_config(cfg: Any) -> Config:
     model_values = dict(values.get("model", {}))
     name = model_values.pop("name", "unet")
     model = ModelConfig(name=name, kwargs=model_values)
-    sections = {
-        key: _section(cls, values.get(key, {}), key) for key, cls in _SECTIONS.items()
-    }
+    sections = {key: _section(cls, values.get(key, {}), key) for key, cls in _SECTIONS.items()}
     config = Config(seed=seed, data=data_cfg, model=model, **sections)
     _check_consistency(config)
     return config
@@ -365,11 +367,17 @@ def _check_consistency(config: Config) -> None:
     if config.diffusion.loss == "hybrid" and not config.model.learn_sigma:
         raise ConfigError("diffusion.loss='hybrid' needs model.learn_sigma=True.")
     if config.model.learn_sigma and config.diffusion.loss != "hybrid":
-        raise ConfigError("model.learn_sigma=True needs diffusion.loss='hybrid' to train the variance.")
+        raise ConfigError(
+            "model.learn_sigma=True needs diffusion.loss='hybrid' to train the variance."
+        )
     if config.diffusion.label_dropout and config.model.num_classes is None:
-        raise ConfigError("diffusion.label_dropout > 0 needs a class-conditional model (model.num_classes).")
+        raise ConfigError(
+            "diffusion.label_dropout > 0 needs a class-conditional model (model.num_classes)."
+        )
     if config.model.num_classes is not None and not config.data.use_labels:
-        raise ConfigError("model.num_classes is set but data.use_labels=False: the model needs labels.")
+        raise ConfigError(
+            "model.num_classes is set but data.use_labels=False: the model needs labels."
+        )
 
 
 def incompatible_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -401,7 +409,9 @@ def build_model(config: Config) -> nn.Module:
 def build_schedule(config: Config) -> dj.Schedule:
     """The diffusion :class:`Schedule` of ``config.diffusion``."""
     d = config.diffusion
-    kwargs = {k: v for k, v in (("beta_start", d.beta_start), ("beta_end", d.beta_end)) if v is not None}
+    kwargs = {
+        k: v for k, v in (("beta_start", d.beta_start), ("beta_end", d.beta_end)) if v is not None
+    }
     return dj.make_schedule(d.schedule, d.num_timesteps, **kwargs)
 
 

@@ -17,7 +17,9 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def image_grid(images: np.ndarray, *, columns: int | None = None, pad: int = 1, scale: int = 1) -> np.ndarray:
+def image_grid(
+    images: np.ndarray, *, columns: int | None = None, pad: int = 1, scale: int = 1
+) -> np.ndarray:
     """Tiles images [N, H, W, C] in [-1, 1] into one uint8 picture [rows*(H+pad)+pad, ..., C].
 
     ``columns`` defaults to ceil(sqrt(N)); ``pad`` pixels of white separate the tiles; ``scale``

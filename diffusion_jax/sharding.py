@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -84,7 +85,9 @@ def check_batch_size(batch_size: int, mesh: Mesh, process_count: int | None = No
     return batch_size // process_count
 
 
-def param_partition_spec(shape: tuple[int, ...], num_shards: int, fsdp_min_size: int) -> PartitionSpec:
+def param_partition_spec(
+    shape: tuple[int, ...], num_shards: int, fsdp_min_size: int
+) -> PartitionSpec:
     """FSDP rule for one array: shard its largest axis divisible by ``num_shards`` over ``data``.
 
     Arrays with fewer than ``fsdp_min_size`` elements (or ``fsdp_min_size = 0``, or no divisible
@@ -106,11 +109,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp_min_size: int = 0) -> 
     """NamedShardings for a pytree of ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
 
     The rule depends only on each array's shape, so a parameter, its EMA and its Adam moments land
-    alike. Scalars and small arrays are replicated.
+    alike. Non-float arrays (step counters, PRNG keys) and small arrays are replicated.
     """
     num_shards = mesh.shape[DATA_AXIS]
 
     def rule(x: jax.ShapeDtypeStruct) -> NamedSharding:
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return NamedSharding(mesh, PartitionSpec())
         return NamedSharding(mesh, param_partition_spec(tuple(x.shape), num_shards, fsdp_min_size))
 
     return jax.tree.map(rule, abstract_state)

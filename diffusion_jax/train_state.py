@@ -107,4 +107,3 @@ def update_ema(ema_params: Params, params: Params, decay: jax.Array) -> Params:
 def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
     """Leafwise ``where(pred, a, b)`` for two pytrees of the same structure; ``pred`` is a scalar bool."""
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-

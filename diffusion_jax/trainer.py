@@ -174,7 +174,9 @@ class _Termination:
 
     def _handler(self, signum, frame):
         del signum, frame
-        logging.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting.")
+        logging.warning(
+            "SIGTERM received: saving a checkpoint at the end of this step, then exiting."
+        )
         self.requested = True
 
     @contextlib.contextmanager
@@ -236,9 +238,13 @@ def _summarize(metrics: list[Metrics]) -> dict[str, float]:
     return out
 
 
-def _check_finite(state: TrainState, config: Config, last_saved: int | None, workdir: epath.Path) -> int:
+def _check_finite(
+    state: TrainState, config: Config, last_saved: int | None, workdir: epath.Path
+) -> int:
     """Number of dropped (non-finite) steps so far; raises in ``on_nonfinite = "stop"`` mode."""
-    count, first = (int(v) for v in jax.device_get((state.nonfinite_steps, state.first_nonfinite_step)))
+    count, first = (
+        int(v) for v in jax.device_get((state.nonfinite_steps, state.first_nonfinite_step))
+    )
     if count and config.train.on_nonfinite == "stop":
         saved = (
             f"the last checkpoint (step {last_saved}) in {workdir / checkpoints.CHECKPOINT_DIR} is untouched"
@@ -344,7 +350,9 @@ def _train_loop(
     num_steps = cfg.train.num_steps
 
     target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state,
+        state_shardings,
     )
     steps_on_disk = sorted(manager.all_steps())
     restored = checkpoints.restore_latest(manager, target, train_iter)
@@ -357,7 +365,9 @@ def _train_loop(
             "the warnings above); move them away to start this run afresh."
         )
     else:
-        init = jax.jit(lambda: init_state(model, cfg, data_shape, tx), out_shardings=state_shardings)
+        init = jax.jit(
+            lambda: init_state(model, cfg, data_shape, tx), out_shardings=state_shardings
+        )
         state, start = init(), 0
         logging.info("Starting from scratch (no checkpoint in %s)", manager.directory)
     last_saved = start if restored is not None else None
@@ -446,7 +456,9 @@ def _train_loop(
         paused += time.time() - pause_start
 
     if start >= num_steps:
-        logging.info("Nothing to do: the checkpoint is at step %d and train.num_steps=%d.", start, num_steps)
+        logging.info(
+            "Nothing to do: the checkpoint is at step %d and train.num_steps=%d.", start, num_steps
+        )
     _check_finite(state, cfg, last_saved, workdir)
     manager.wait_until_finished()
     return state

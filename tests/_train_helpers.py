@@ -77,7 +77,9 @@ def worker_env(cache: pathlib.Path, num_devices: int | None = None) -> dict[str,
     return env
 
 
-def start_worker(args: list[str], cache: pathlib.Path, num_devices: int | None = None) -> subprocess.Popen:
+def start_worker(
+    args: list[str], cache: pathlib.Path, num_devices: int | None = None
+) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(WORKER), *args],
         env=worker_env(cache, num_devices),

@@ -74,7 +74,9 @@ def test_workdir_config_check(tmp_path, config):
     longer = tiny_config()
     longer.train.num_steps = 1000
     longer.optim.learning_rate = 1e-4
-    checkpoints.check_workdir(tmp_path, config_utils.parse_config(longer))  # run settings may change
+    checkpoints.check_workdir(
+        tmp_path, config_utils.parse_config(longer)
+    )  # run settings may change
     other = tiny_config()
     other.diffusion.num_timesteps = 200
     other.data.image_size = 16

@@ -70,7 +70,9 @@ def poison_batch(monkeypatch, step: int) -> None:
             batch = dict(batch, x=np.full_like(batch["x"], np.nan))
         return batch
 
-    monkeypatch.setattr(data, "make_train_iterator", lambda cfg, **kw: MappedIterator(real(cfg, **kw), poison))
+    monkeypatch.setattr(
+        data, "make_train_iterator", lambda cfg, **kw: MappedIterator(real(cfg, **kw), poison)
+    )
 
 
 def checkpoint_steps(workdir) -> list[int]:
@@ -86,7 +88,13 @@ def test_run_writes_checkpoints_logs_samples_and_config(tiny_run):
     events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1
     content = events[0].read_bytes()
-    for tag in (b"train/loss", b"train/grad_norm", b"train/learning_rate", b"train/steps_per_sec", b"samples"):
+    for tag in (
+        b"train/loss",
+        b"train/grad_norm",
+        b"train/learning_rate",
+        b"train/steps_per_sec",
+        b"samples",
+    ):
         assert tag in content, tag
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["model"]["ch"] == 32 and saved["train"]["num_steps"] == 20
@@ -168,7 +176,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_run, tmp_
     chex.assert_trees_all_equal(checkpoints.load_ema_params(copy)[0], state.ema_params)
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(cache, tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
+    cache, tmp_path, monkeypatch
+):
     poison_batch(monkeypatch, step=13)
     with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite .* at step 13.*step 10"):
         trainer.train_and_evaluate(tiny_config(), tmp_path)
@@ -242,8 +252,13 @@ def test_every_config_file_parses():
             continue
         config = importlib.import_module(f"configs.{path.stem}").get_config()
         parsed = config_utils.parse_config(config)
-        assert path.read_text().lstrip().startswith(('r"""', '"""')), f"{path.name} needs a docstring"
-        assert "python train.py --config configs/" in importlib.import_module(f"configs.{path.stem}").__doc__
+        assert path.read_text().lstrip().startswith(('r"""', '"""')), (
+            f"{path.name} needs a docstring"
+        )
+        assert (
+            "python train.py --config configs/"
+            in importlib.import_module(f"configs.{path.stem}").__doc__
+        )
         assert config_utils.parse_config(parsed.to_dict()) == parsed
 
 
@@ -255,9 +270,17 @@ def test_cifar10_config_is_the_ddpm_paper_setting():
     x, t = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t)["params"])
     assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes)) == 35_746_307
-    assert (cfg.optim.learning_rate, cfg.optim.warmup_steps, cfg.optim.grad_clip_norm) == (2e-4, 5000, 1.0)
+    assert (cfg.optim.learning_rate, cfg.optim.warmup_steps, cfg.optim.grad_clip_norm) == (
+        2e-4,
+        5000,
+        1.0,
+    )
     assert (cfg.train.batch_size, cfg.train.num_steps, cfg.ema.decay) == (128, 800_000, 0.9999)
-    assert (cfg.diffusion.schedule, cfg.diffusion.num_timesteps, cfg.data.random_flip) == ("linear", 1000, True)
+    assert (cfg.diffusion.schedule, cfg.diffusion.num_timesteps, cfg.data.random_flip) == (
+        "linear",
+        1000,
+        True,
+    )
     assert cfg.model.kwargs["dropout"] == 0.1 and cfg.optim.lr_schedule == "constant"
 
 

@@ -28,7 +28,9 @@ def cache(tmp_path_factory):
 
 
 def train(tmp, cache, num_devices, *extra):
-    out = run_worker(["--workdir", str(tmp / "w"), "--out", str(tmp / "s.npz"), *RUN, *extra], cache, num_devices)
+    out = run_worker(
+        ["--workdir", str(tmp / "w"), "--out", str(tmp / "s.npz"), *RUN, *extra], cache, num_devices
+    )
     assert out.returncode == 0, out.stdout
     assert f"{num_devices} device(s)" in out.stdout
     return load_state(tmp / "s.npz")
@@ -57,9 +59,23 @@ def test_same_training_on_any_device_count(one_device, cache, tmp_path, num_devi
 def test_two_processes_agree_with_each_other_and_with_one_process(one_device, cache, tmp_path):
     """2 processes x 2 devices, each reading half of every global batch; process 0 alone writes."""
     port, workdir = free_port(), tmp_path / "w"
-    args = ["--workdir", str(workdir), *RUN, "--set", "sample.num_samples=8", "--num_processes", "2", "--port", str(port)]
+    args = [
+        "--workdir",
+        str(workdir),
+        *RUN,
+        "--set",
+        "sample.num_samples=8",
+        "--num_processes",
+        "2",
+        "--port",
+        str(port),
+    ]
     procs = [
-        start_worker([*args, "--process_id", str(i), "--out", str(tmp_path / f"p{i}.npz")], cache, num_devices=2)
+        start_worker(
+            [*args, "--process_id", str(i), "--out", str(tmp_path / f"p{i}.npz")],
+            cache,
+            num_devices=2,
+        )
         for i in range(2)
     ]
     outs = []
@@ -79,3 +95,27 @@ def test_two_processes_agree_with_each_other_and_with_one_process(one_device, ca
     ]  # fmt: skip
     assert len(list((workdir / "tensorboard").iterdir())) == 1
     assert [p.name for p in (workdir / "samples").iterdir()] == ["step_00000004.png"]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(cache, tmp_path):
+    """JAX's preemption sync point: every process learns of the notice and saves at the same step."""
+    port, workdir = free_port(), tmp_path / "w"
+    long_run = [*POINTS, "--set", "train.num_steps=500", "--set", "checkpoint.every_steps=1000"]
+    args = ["--workdir", str(workdir), *long_run, "--num_processes", "2", "--port", str(port)]
+    procs = [
+        start_worker([*args, "--process_id", "0"], cache, num_devices=2),
+        start_worker([*args, "--process_id", "1", "--term_at", "20"], cache, num_devices=2),
+    ]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=300)[0])
+        finally:
+            p.kill()
+    stops = []
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out
+        (line,) = [x for x in out.splitlines() if "on a termination request; checkpoint saved" in x]
+        stops.append(int(line.split("Stopped at step ")[1].split()[0]))
+    assert stops[0] == stops[1] and 20 <= stops[0] < 500
+    assert [int(p.name) for p in (workdir / "checkpoints").iterdir()] == [stops[0]]

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 from _train_helpers import cache_dir, load_state, run_worker
 
-STEPS = ["--set", "train.num_steps=8", "--set", "checkpoint.every_steps=4", "--set", "sample.num_samples=0"]
+STEPS = [
+    "--set",
+    "train.num_steps=8",
+    "--set",
+    "checkpoint.every_steps=4",
+    "--set",
+    "sample.num_samples=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +38,14 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 def test_resume_after_sigkill_is_bitwise_identical(straight, cache, tmp_path):
     workdir = str(tmp_path / "w")
-    killed = run_worker(["--workdir", workdir, *STEPS, "--kill_at", "6", "--after_checkpoint", "4"], cache)
+    killed = run_worker(
+        ["--workdir", workdir, *STEPS, "--kill_at", "6", "--after_checkpoint", "4"], cache
+    )
     assert killed.returncode == -9, killed.stdout  # SIGKILL: no chance to save anything
     assert "SIGKILL at step 6" in killed.stdout
-    resumed = run_worker(["--workdir", workdir, "--out", str(tmp_path / "state.npz"), *STEPS], cache)
+    resumed = run_worker(
+        ["--workdir", workdir, "--out", str(tmp_path / "state.npz"), *STEPS], cache
+    )
     assert resumed.returncode == 0, resumed.stdout
     assert "Resuming from the checkpoint at step 4" in resumed.stdout
     assert_bitwise_equal(load_state(tmp_path / "state.npz"), straight)
@@ -46,7 +57,9 @@ def test_sigterm_saves_exits_cleanly_and_resumes_bitwise(straight, cache, tmp_pa
     assert stopped.returncode == 0, stopped.stdout
     assert "Stopped at step 5 on a termination request; checkpoint saved" in stopped.stdout
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4, 5]
-    resumed = run_worker(["--workdir", str(workdir), "--out", str(tmp_path / "state.npz"), *STEPS], cache)
+    resumed = run_worker(
+        ["--workdir", str(workdir), "--out", str(tmp_path / "state.npz"), *STEPS], cache
+    )
     assert resumed.returncode == 0, resumed.stdout
     assert "Resuming from the checkpoint at step 5" in resumed.stdout
     state = load_state(tmp_path / "state.npz")
