@@ -215,7 +215,10 @@ class _Writer:
             self._writer.add_image(name, picture_uint8, step, dataformats="HWC")
             self._writer.flush()
 
-    def close(self) -> None:
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
         if self._writer:
             self._writer.close()
 
@@ -229,9 +232,8 @@ def _format_duration(seconds: float) -> str:
 
 def _summarize(metrics: list[Metrics]) -> dict[str, float]:
     """Means over a log interval of the metrics of finite steps (host numpy)."""
-    host = jax.device_get(metrics)
-    finite = [m for m in host if bool(m["finite"])]
-    out = {"nonfinite_in_interval": float(len(host) - len(finite))}
+    finite = [m for m in jax.device_get(metrics) if bool(m["finite"])]
+    out = {}
     for key in ("loss", "grad_norm", "learning_rate"):
         values = [float(m[key]) for m in finite]
         out[key] = float(np.mean(values)) if values else float("nan")
@@ -313,20 +315,18 @@ def train_and_evaluate(
         process_count=jax.process_count(),
     )
 
-    manager = checkpoints.make_manager(
-        workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
-    )
-    writer = _Writer(workdir / "tensorboard", active=is_main)
-    try:
-        with _Termination().installed() as termination:
-            return _train_loop(
-                cfg, workdir, mesh, model, schedule, tx, lr_fn, abstract_state, state_shardings,
-                train_iter, manager, writer, termination, data_shape, hooks,
-            )  # fmt: skip
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+    with contextlib.ExitStack() as stack:
+        manager = checkpoints.make_manager(
+            workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+        )
+        stack.callback(manager.close)
+        stack.callback(manager.wait_until_finished)  # runs first: never exit mid-save
+        writer = stack.enter_context(_Writer(workdir / "tensorboard", active=is_main))
+        termination = stack.enter_context(_Termination().installed())
+        return _train_loop(
+            cfg, workdir, mesh, model, schedule, tx, lr_fn, abstract_state, state_shardings,
+            train_iter, manager, writer, termination, data_shape, hooks,
+        )  # fmt: skip
 
 
 def _train_loop(
@@ -346,6 +346,7 @@ def _train_loop(
     data_shape: tuple[int, ...],
     hooks: Sequence[Callable[[int], None]],
 ) -> TrainState:
+    """Restore or initialise, then step, log, save and sample until ``train.num_steps``."""
     is_main = jax.process_index() == 0
     num_steps = cfg.train.num_steps
 

@@ -7,6 +7,7 @@ trainer's sharding does not depend on the model); the U-Net runs are in test_tra
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from _train_helpers import (
@@ -18,6 +19,8 @@ from _train_helpers import (
     run_worker,
     start_worker,
 )
+
+from diffusion_jax import checkpoints
 
 RUN = [*POINTS, "--set", "train.num_steps=4", "--set", "checkpoint.every_steps=4"]
 
@@ -54,6 +57,14 @@ def test_same_training_on_any_device_count(one_device, cache, tmp_path, num_devi
     assert int(state[".step"]) == 4
     assert_close(param_leaves(state), param_leaves(one_device))
     assert_close(param_leaves(state, ".ema_params"), param_leaves(one_device, ".ema_params"))
+    # The checkpoint of a 4-device (maybe FSDP-sharded) run loads onto this process's one device.
+    ema, _ = checkpoints.load_ema_params(tmp_path / "w")
+    flat = {
+        ".ema_params" + jax.tree_util.keystr(k): np.asarray(v)
+        for k, v in jax.tree_util.tree_flatten_with_path(ema)[0]
+    }
+    assert flat.keys() == param_leaves(state, ".ema_params").keys()
+    assert all(np.array_equal(flat[k], state[k]) for k in flat)
 
 
 def test_two_processes_agree_with_each_other_and_with_one_process(one_device, cache, tmp_path):
