@@ -3,7 +3,7 @@ r"""2-D points: a residual MLP learns the Datasaurus "dino" (or moons, circles, 
     python train.py --config configs/toy2d.py --workdir /tmp/diffusion_dino
     python train.py --config configs/toy2d.py --workdir /tmp/moons --config.data.source=moons
 
-About a minute on 2 CPU cores; ``<workdir>/samples/step_*.png`` is a scatter plot of 1000 samples.
+About 75 seconds on 2 CPU cores (20k steps at ~330 steps/s, plus start-up); ``<workdir>/samples/step_*.png`` is a scatter plot of 1000 samples.
 """
 
 import ml_collections
@@ -28,15 +28,15 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.diffusion.num_timesteps = 100
     config.diffusion.label_dropout = 0.0
-    config.optim.learning_rate = 1e-3
+    config.optim.learning_rate = 2e-3
     config.optim.warmup_steps = 100
     config.optim.lr_schedule = "cosine"
     config.ema.decay = 0.995
     config.train.batch_size = 256
-    config.train.num_steps = 5000
-    config.train.log_every_steps = 500
-    config.checkpoint.every_steps = 2500
-    config.sample.every_steps = 2500
+    config.train.num_steps = 20_000
+    config.train.log_every_steps = 1000
+    config.checkpoint.every_steps = 5000
+    config.sample.every_steps = 5000
     config.sample.num_samples = 1000
     config.sample.sampler = "ddpm"
     config.sample.num_steps = config_dict.placeholder(int)  # all T steps
