@@ -1,11 +1,12 @@
 r"""CelebA at 64x64 with the DDIM paper's CelebA model (Song et al. 2021): a 5-level U-Net
 (ch 128, multipliers 1,2,2,2,4, two residual blocks, attention at 16x16, dropout 0.1; about 79M
-parameters), T = 1000 linear, Adam 2e-4, batch 128, EMA 0.9999, random flips.
+parameters, 78,700,803), T = 1000 linear, Adam 2e-4, batch 128, EMA 0.9999, random flips.
 
     python train.py --config configs/celeba64.py --workdir gs://bucket/ddpm_celeba64
 
 Needs ``celeb_a`` prepared for tensorflow-datasets (centre-cropped and resized to 64x64 by the
-pipeline). Cost: roughly 4x a CIFAR-10 step; plan on a day or more of a TPU v4-8 for 500k steps.
+pipeline). Cost: each step sees 4x the pixels of a CIFAR-10 step with twice the parameters; expect
+several times the CIFAR-10 time per step (not measured here), i.e. days of a TPU v4-8 for 500k steps.
 On big slices, ``--config.model.dtype=bfloat16`` and ``--config.sharding.fsdp_min_size=1048576``
 cut time and memory.
 """

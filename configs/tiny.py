@@ -2,7 +2,8 @@ r"""A tiny run for tests and smoke checks: 8x8 digits, a 2-level U-Net with 32 c
 
     python train.py --config configs/tiny.py --workdir /tmp/diffusion_tiny
 
-About 20 seconds on 2 CPU cores (mostly compilation); the samples are not meant to look like digits.
+About a minute on 2 CPU cores, nearly all of it compilation (seconds with a warm JAX compilation
+cache); the samples are not meant to look like digits.
 """
 
 import ml_collections
