@@ -28,7 +28,9 @@ def main() -> None:
         ("ddpm", 1000), ("ddpm", 10), ("ddim", 1000), ("ddim", 10),
         ("heun", 1000), ("heun", 10), ("dpm_solver_2m", 1000), ("dpm_solver_2m", 10),
     ):  # fmt: skip
-        sample = jax.jit(dj.make_sampler(denoise, schedule, sampler=sampler, num_steps=steps), static_argnums=2)
+        sample = jax.jit(
+            dj.make_sampler(denoise, schedule, sampler=sampler, num_steps=steps), static_argnums=2
+        )
         t0 = time.perf_counter()
         compiled = sample.lower(params, jax.random.key(1), shape).compile()
         compile_s = time.perf_counter() - t0
