@@ -708,7 +708,9 @@ def test_evaluate_params_on_digits_reports_fd_pr_bpd_with_floors():
     assert result["features"] == "digits-mlp-64"
     assert result["num_samples"] == 16 and result["floor_examples"] == 16
     assert result["fd"] > result["fd_floor"] > 0
+    assert result["fd"] > result["fd_train_floor"] > 0 and result["fd_train_floor_std"] > 0
     assert 0 <= result["precision"] <= 1 and 0 <= result["recall_floor"] <= 1
+    assert 0 <= result["recall_train_floor"] <= 1
     assert result["bpd_examples"] == 4 and result["bpd_timesteps"] == 100
     assert result["bpd_variance"] == "fixed_large" and len(result["bpd_per_timestep"]) == 100
     np.testing.assert_allclose(
