@@ -346,6 +346,23 @@ def make_sampler(
     return sample
 
 
+def _editing_options(
+    sampler_kwargs: dict[str, Any], allow_trajectory_key: bool = False
+) -> dict[str, Any]:
+    """make_sampler's options with ``sampler_kwargs`` applied, for the editing entry points (no trajectory)."""
+    options = dict(sampler="ddpm", num_steps=None, spacing=None, prediction="eps")
+    options.update(variance="fixed_small", clip_denoised=True, eta=0.0, cond_fn=None)
+    unknown = (
+        set(sampler_kwargs)
+        - set(options)
+        - ({"trajectory_steps"} if allow_trajectory_key else set())
+    )
+    if unknown:
+        raise ValueError(f"unknown sampler options {sorted(unknown)}.")
+    options.update(sampler_kwargs, trajectory_steps=None)
+    return options
+
+
 def make_img2img(
     denoise_fn: DenoiseFn, schedule: Schedule, *, strength: float, **sampler_kwargs: Any
 ) -> Callable[..., Any]:
@@ -359,12 +376,7 @@ def make_img2img(
         raise ValueError(f"strength must be in [0, 1], got {strength}.")
     if sampler_kwargs.get("trajectory_steps") is not None:
         raise ValueError("trajectory_steps is not supported by make_img2img.")
-    options = dict(sampler="ddpm", num_steps=None, spacing=None, prediction="eps")
-    options.update(variance="fixed_small", clip_denoised=True, eta=0.0, cond_fn=None)
-    unknown = set(sampler_kwargs) - set(options) - {"trajectory_steps"}
-    if unknown:
-        raise ValueError(f"unknown sampler options {sorted(unknown)}.")
-    options.update(sampler_kwargs, trajectory_steps=None)
+    options = _editing_options(sampler_kwargs, allow_trajectory_key=True)
     chain = _make_chain(denoise_fn, schedule, **options)
     num_steps = int(round(strength * chain.schedule.num_timesteps))
 
@@ -397,12 +409,7 @@ def make_inpainter(
     """
     if isinstance(resample, bool) or not isinstance(resample, int) or resample < 1:
         raise ValueError(f"resample must be an integer >= 1, got {resample!r}.")
-    options = dict(sampler="ddpm", num_steps=None, spacing=None, prediction="eps")
-    options.update(variance="fixed_small", clip_denoised=True, eta=0.0, cond_fn=None)
-    unknown = set(sampler_kwargs) - set(options)
-    if unknown:
-        raise ValueError(f"unknown sampler options {sorted(unknown)}.")
-    options.update(sampler_kwargs, trajectory_steps=None)
+    options = _editing_options(sampler_kwargs)
     if resample > 1 and options["sampler"] == "dpm_solver_2m":
         raise ValueError("resample > 1 needs a one-step sampler; dpm_solver_2m keeps a history.")
     chain = _make_chain(denoise_fn, schedule, **options)
