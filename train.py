@@ -1,11 +1,16 @@
 r"""Train a DDPM: ``python train.py --config configs/digits.py --workdir /tmp/diffusion_digits``.
 
 Override config entries with ``--config.train.num_steps=500`` etc. The same command runs on a CPU,
-a GPU, a TPU VM and every host of a multi-host slice; all the work is in
-:func:`diffusion_jax.trainer.train_and_evaluate`.
+a GPU, a TPU VM and every host of a multi-host slice (``jax.distributed`` starts by itself on
+Cloud TPU and under Slurm; elsewhere pass ``--coordinator_address``, ``--num_processes`` and
+``--process_id``); all the work is in :func:`diffusion_jax.trainer.train_and_evaluate`. The
+workdir may be a bucket (``gs://bucket/run``). ``--xla_dump_to DIR`` writes the compiled XLA
+programs (HLO) to a local folder; ``--config.profile.num_steps=5`` traces five steps for
+TensorBoard's profile plugin.
 """
 
 import logging as std_logging
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -17,6 +22,16 @@ config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/*.py).", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and sample pictures.")
+flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0, for multi-process runs that JAX does not detect (not Cloud TPU or Slurm).",
+)  # fmt: skip
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1.")
+flags.DEFINE_string(
+    "xla_dump_to", None,
+    "Local folder for XLA's HLO dumps of every compiled program (adds --xla_dump_to to XLA_FLAGS).",
+)  # fmt: skip
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -31,7 +46,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_WarningsOnlyFromOrbax())
-    sharding.initialize_distributed()  # before any other JAX call
+    if FLAGS.xla_dump_to:  # read when the backend starts, i.e. at the first JAX call below
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={FLAGS.xla_dump_to}"
+        ).strip()
+    sharding.initialize_distributed(  # before any other JAX call
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
     from diffusion_jax import trainer
 
     logging.info("Config:\n%s", FLAGS.config)

@@ -95,4 +95,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.sharding = ml_collections.ConfigDict()
     config.sharding.fsdp_min_size = 0  # > 0: shard parameters with at least this many elements
 
+    # A jax.profiler trace of num_steps steps from start_step, for TensorBoard (0 steps: none).
+    config.profile = ml_collections.ConfigDict()
+    config.profile.start_step = 10
+    config.profile.num_steps = 0
+
     return config

@@ -9,8 +9,10 @@ leaves the previous checkpoint as the newest good one.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -132,6 +134,44 @@ def reached_preemption(manager: ocp.CheckpointManager, step: int) -> bool:
         return bool(manager.reached_preemption(step))
     except RuntimeError:
         return False
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # the parent package is missing
+        return False
+
+
+def check_storage(workdir: epath.PathLike) -> None:
+    """Fails at start, naming what to install, if ``workdir`` is a bucket this setup cannot use.
+
+    Local and mounted folders always work. ``gs://bucket/path`` needs ``gcsfs`` (etils.epath:
+    config, data-iterator state, sample PNGs; TensorFlow's file system also does) and
+    ``google-cloud-storage`` (tensorboardX's event files; gcsfs installs it); Orbax writes the
+    arrays itself through TensorStore's GCS driver. Other URL schemes (s3://, az://, ...) are
+    refused: Orbax writes only to local paths and gs:// buckets.
+    """
+    path = os.fspath(workdir)
+    if "://" not in path:
+        return
+    scheme = path.split("://", 1)[0]
+    if scheme != "gs":
+        raise ValueError(
+            f"workdir {path}: only local (or mounted) folders and gs:// buckets are supported "
+            f"(Orbax writes checkpoints to those only); mount the {scheme}:// bucket, or use gs://."
+        )
+    missing = []
+    if not (_installed("gcsfs") or _installed("tensorflow")):
+        missing.append("gcsfs")
+    if not _installed("google.cloud.storage"):
+        missing.append("google-cloud-storage")
+    if missing:
+        raise ImportError(
+            f"workdir {path} needs {' and '.join(missing)}: pip install gcsfs (it brings "
+            "google-cloud-storage too). Credentials come from the TPU VM's service account or "
+            "`gcloud auth application-default login`."
+        )
 
 
 def read_config(workdir: epath.PathLike) -> dict[str, Any] | None:

@@ -247,6 +247,20 @@ class ShardingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """A ``jax.profiler`` trace of ``num_steps`` training steps (0: none) from step ``start_step``
+    (counted like ``train.num_steps``; leave a few steps for compilation) into
+    ``<workdir>/tensorboard/plugins/profile/``, for TensorBoard's profile plugin. Process 0 only."""
+
+    start_step: int = 10
+    num_steps: int = 0
+
+    def __post_init__(self):
+        _at_least("profile.start_step", self.start_step, 1)
+        _at_least("profile.num_steps", self.num_steps, 0)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole training run; built only by :func:`parse_config`."""
 
@@ -260,6 +274,7 @@ class Config:
     checkpoint: CheckpointConfig
     sample: SampleConfig
     sharding: ShardingConfig
+    profile: ProfileConfig = ProfileConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready nested dict that :func:`parse_config` turns back into this config."""
@@ -282,6 +297,7 @@ _SECTIONS = {
     "checkpoint": CheckpointConfig,
     "sample": SampleConfig,
     "sharding": ShardingConfig,
+    "profile": ProfileConfig,
 }
 
 

@@ -21,23 +21,39 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
     """Joins a multi-process run with ``jax.distributed.initialize()`` when there is one.
 
     Call before any other JAX call. Cluster environments JAX detects (Cloud TPU, Slurm, Open MPI,
-    Kubernetes) need nothing; elsewhere set ``JAX_COORDINATOR_ADDRESS=host:port``,
-    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on every process. With none of these it does nothing.
-    CPU processes exchange data over gloo.
+    Kubernetes) need nothing; elsewhere pass ``coordinator_address="host:port"`` (process 0's
+    address, reachable from every process), ``num_processes`` and ``process_id``, or set
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (arguments win). With
+    none of these and no cluster it does nothing: a single-process run. CPU processes exchange
+    data over gloo.
     """
     if jax.distributed.is_initialized():
         return
-    kwargs: dict[str, Any] = {}
-    if "JAX_NUM_PROCESSES" in os.environ or "JAX_PROCESS_ID" in os.environ:
-        kwargs = dict(
-            coordinator_address=os.environ.get("JAX_COORDINATOR_ADDRESS"),
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and "JAX_NUM_PROCESSES" in env:
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and "JAX_PROCESS_ID" in env:
+        process_id = int(env["JAX_PROCESS_ID"])
+    explicit = num_processes is not None or process_id is not None
+    if explicit and (coordinator_address is None or num_processes is None or process_id is None):
+        raise ValueError(
+            "a multi-process run outside a cluster JAX detects needs all three of the coordinator "
+            f"address, the number of processes and this process's id; got coordinator_address="
+            f"{coordinator_address!r}, num_processes={num_processes!r}, process_id={process_id!r}."
         )
+    given = dict(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+    kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     try:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except (AttributeError, ValueError):  # an option of older / newer JAX versions
@@ -45,7 +61,7 @@ def initialize_distributed() -> None:
     try:
         jax.distributed.initialize(**kwargs)
     except ValueError as e:
-        if kwargs or "JAX_COORDINATOR_ADDRESS" in os.environ:
+        if kwargs:
             raise
         # No cluster detected and nothing configured: a single-process run.
         logging.info("Single process (jax.distributed not initialized: %s)", e)

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import pathlib
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +33,7 @@ from etils import epath
 
 import diffusion_jax as dj
 from diffusion_jax import checkpoints, config_utils, images, sharding
-from diffusion_jax.config_utils import Config
+from diffusion_jax.config_utils import Config, ProfileConfig
 from diffusion_jax.train_state import (
     TrainState,
     ema_decay,
@@ -166,7 +170,13 @@ def make_sample_grid_fn(
 
 
 class _Termination:
-    """Remembers a SIGTERM (single-process runs; multi-host runs use JAX's preemption sync point)."""
+    """Remembers a SIGTERM in a single-process run.
+
+    Multi-process runs (every pod slice, and any run where ``jax.distributed`` is initialised) leave
+    SIGTERM to JAX's preemption notifier instead: each process reports the signal to the
+    coordination service, and :func:`checkpoints.reached_preemption` becomes True on every process
+    at the same step, so all of them save that step and stop together.
+    """
 
     def __init__(self):
         self.requested = False
@@ -195,14 +205,18 @@ class _Termination:
 
 
 class _Writer:
-    """TensorBoard scalars and images (process 0 only; other processes do nothing)."""
+    """TensorBoard scalars and images (process 0 only; other processes do nothing).
+
+    tensorboardX writes gs:// logdirs itself, through google-cloud-storage (checked at start by
+    :func:`checkpoints.check_storage`), re-uploading the event file at every flush.
+    """
 
     def __init__(self, logdir: epath.Path, active: bool):
         self._writer = None
         if active:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(logdir=str(logdir))
+            self._writer = SummaryWriter(logdir=os.fspath(logdir))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer:
@@ -221,6 +235,48 @@ class _Writer:
     def __exit__(self, *exc_info) -> None:
         if self._writer:
             self._writer.close()
+
+
+class _Profiler:
+    """A ``jax.profiler`` trace of the steps ``[start_step, start_step + num_steps)`` on process 0,
+    into ``logdir/plugins/profile/<time>/`` where TensorBoard's profile plugin finds it.
+
+    JAX writes traces to local folders; for a bucket logdir the trace goes to a temporary folder
+    first and is copied over when it stops.
+    """
+
+    def __init__(self, config: ProfileConfig, logdir: epath.Path, active: bool):
+        self.first, self.last = config.start_step, config.start_step + config.num_steps - 1
+        self.active = active and config.num_steps > 0
+        self.logdir = logdir
+        self.remote = "://" in os.fspath(logdir)
+        self._tracing_into: str | None = None
+
+    def before_step(self, step: int) -> None:
+        if self.active and step == self.first:
+            self._tracing_into = tempfile.mkdtemp() if self.remote else os.fspath(self.logdir)
+            jax.profiler.start_trace(self._tracing_into)
+            logging.info("Profiling steps %d to %d", self.first, self.last)
+
+    def after_step(self, step: int, state: Any) -> None:
+        if self._tracing_into is not None and step >= self.last:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        """Ends a running trace (also when the run stops early) and puts it under ``logdir``."""
+        if self._tracing_into is None:
+            return
+        local, self._tracing_into = pathlib.Path(self._tracing_into), None
+        jax.profiler.stop_trace()
+        if self.remote:
+            for path in local.rglob("*"):
+                if path.is_file():
+                    target = self.logdir / path.relative_to(local).as_posix()
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(path.read_bytes())
+            shutil.rmtree(local)
+        logging.info("Wrote a profile to %s (TensorBoard: Profile tab)", self.logdir / "plugins")
 
 
 def _format_duration(seconds: float) -> str:
@@ -275,6 +331,7 @@ def train_and_evaluate(
     from diffusion_jax import data
 
     cfg = config if isinstance(config, Config) else config_utils.parse_config(config)
+    checkpoints.check_storage(workdir)
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh()
@@ -323,9 +380,11 @@ def train_and_evaluate(
         stack.callback(manager.wait_until_finished)  # runs first: never exit mid-save
         writer = stack.enter_context(_Writer(workdir / "tensorboard", active=is_main))
         termination = stack.enter_context(_Termination().installed())
+        profiler = _Profiler(cfg.profile, workdir / "tensorboard", active=is_main)
+        stack.callback(profiler.stop)
         return _train_loop(
             cfg, workdir, mesh, model, schedule, tx, lr_fn, abstract_state, state_shardings,
-            train_iter, manager, writer, termination, data_shape, hooks,
+            train_iter, manager, writer, termination, profiler, data_shape, hooks,
         )  # fmt: skip
 
 
@@ -343,6 +402,7 @@ def _train_loop(
     manager: Any,
     writer: _Writer,
     termination: _Termination,
+    profiler: _Profiler,
     data_shape: tuple[int, ...],
     hooks: Sequence[Callable[[int], None]],
 ) -> TrainState:
@@ -406,8 +466,11 @@ def _train_loop(
     for step in range(start + 1, num_steps + 1):
         local = next(train_iter)
         batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
-        with jax.transfer_guard("disallow"):
-            state, metrics = train_step(state, batch, schedule)
+        profiler.before_step(step)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            with jax.transfer_guard("disallow"):
+                state, metrics = train_step(state, batch, schedule)
+        profiler.after_step(step, state)
         pending.append(metrics)
         if step == start + 1:  # the first step compiles; time the rest
             jax.block_until_ready(metrics)
