@@ -146,11 +146,12 @@ def _installed(module: str) -> bool:
 def check_storage(workdir: epath.PathLike) -> None:
     """Fails at start, naming what to install, if ``workdir`` is a bucket this setup cannot use.
 
-    Local and mounted folders always work. ``gs://bucket/path`` needs ``gcsfs`` (etils.epath:
-    config, data-iterator state, sample PNGs; TensorFlow's file system also does) and
-    ``google-cloud-storage`` (tensorboardX's event files; gcsfs installs it); Orbax writes the
-    arrays itself through TensorStore's GCS driver. Other URL schemes (s3://, az://, ...) are
-    refused: Orbax writes only to local paths and gs:// buckets.
+    Local and mounted folders always work. ``gs://bucket/path`` needs ``gcsfs`` (``etils.epath``'s
+    file system for the config, the iterator state, sample PNGs and Orbax's step folders;
+    TensorFlow's would do too) and ``google-cloud-storage`` (Orbax lists a bucket's steps with it,
+    tensorboardX writes event files with it; recent gcsfs installs it). Orbax writes the arrays
+    through TensorStore's own GCS driver. Other URL schemes (s3://, az://, ...) are refused: Orbax
+    writes to local paths and gs:// buckets only.
     """
     path = os.fspath(workdir)
     if "://" not in path:

@@ -108,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--distributed",
         action="store_true",
-        help="call jax.distributed.initialize() first (pod slices)",
+        help="join the multi-process run first, as train.py does (pod slices, Slurm, JAX_* variables)",
     )
     args = parser.parse_args(argv)
     if args.distributed:
-        jax.distributed.initialize()
+        from diffusion_jax import sharding
+
+        sharding.initialize_distributed()
     report = check_environment(args.batch_size)
     print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
     return 0
