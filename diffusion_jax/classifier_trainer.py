@@ -1,0 +1,384 @@
+r"""Training the noise-aware classifier p(y | x_t, t) that classifier guidance needs (Dhariwal & Nichol 2021).
+
+    python train_classifier.py --config configs/digits_classifier.py --workdir /tmp/digits_classifier
+
+The classifier (:class:`diffusion_jax.models.NoisyClassifier`) sees x_t ~ q(x_t | x_0) at t ~ U{0..T-1}
+of the same forward process as the diffusion model it will guide (``config.diffusion`` must match
+that model's schedule), and minimises the cross-entropy of the true label (:func:`dj.classifier_loss`).
+The loop shares the diffusion trainer's pieces: the sharded input pipeline, ``jax.jit`` over a
+device mesh, Adam with EMA (:mod:`diffusion_jax.train_state`) and Orbax checkpoints with resume
+(:mod:`diffusion_jax.checkpoints`). At the end it writes the held-out accuracy at several noise
+levels to ``<workdir>/eval.json``; :func:`load_classifier` gives back ``(classifier_fn, params, config)``
+ready for :func:`dj.classifier_guidance`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+import diffusion_jax as dj
+from diffusion_jax import checkpoints, config_utils, sharding
+from diffusion_jax.config_utils import (
+    CheckpointConfig,
+    ConfigError,
+    DiffusionConfig,
+    EmaConfig,
+    OptimConfig,
+    TrainConfig,
+)
+from diffusion_jax.models import NoisyClassifier
+from diffusion_jax.train_state import TrainState, ema_decay, make_optimizer, update_ema
+
+# Fractions of T at which the held-out accuracy is reported (t = round(f * (T - 1))).
+EVAL_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+EVAL_FILE = "eval.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """A classifier training run; built only by :func:`parse_classifier_config`.
+
+    ``classifier``: keyword arguments of :class:`NoisyClassifier` (``num_classes`` defaults to the
+    data's). ``diffusion``: the forward process (only the schedule keys matter here).
+    """
+
+    seed: int
+    data: Any
+    classifier: Mapping[str, Any]
+    diffusion: DiffusionConfig
+    optim: OptimConfig
+    ema: EmaConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready nested dict that :func:`parse_classifier_config` turns back into this config."""
+        out: dict[str, Any] = {"seed": self.seed, "classifier": dict(self.classifier)}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                out[f.name] = dataclasses.asdict(value)
+        return json.loads(json.dumps(out))
+
+    def build_model(self) -> NoisyClassifier:
+        kwargs = dict(self.classifier)
+        for key in ("dtype", "param_dtype"):
+            if key in kwargs:
+                kwargs[key] = config_utils.DTYPES[kwargs[key]]
+        return NoisyClassifier(**kwargs)
+
+
+_SECTIONS = {
+    "diffusion": DiffusionConfig,
+    "optim": OptimConfig,
+    "ema": EmaConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+def parse_classifier_config(cfg: Any) -> ClassifierConfig:
+    """Checks a classifier config (ConfigDict or nested mapping); unknown keys and bad values raise
+    :class:`ConfigError` naming them."""
+    from diffusion_jax import data as data_lib
+
+    values = config_utils._as_dict(cfg)
+    top = ("seed", "data", "classifier", *_SECTIONS)
+    for key in values:
+        if key not in top:
+            raise ConfigError(config_utils._unknown_key_message(key, key, top))
+    seed = config_utils._check_type("seed", values.get("seed", 0), int)
+    try:
+        data_cfg = data_lib.to_data_config(values.get("data", {}))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if not data_cfg.use_labels:
+        raise ConfigError("a classifier needs labels: set data.use_labels=True.")
+    classifier = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in values.get("classifier", {}).items()
+    }
+    known = config_utils._module_fields(NoisyClassifier)
+    for key, value in classifier.items():
+        if key not in known:
+            raise ConfigError(
+                config_utils._unknown_key_message(f"classifier.{key}", key, known, "classifier")
+            )
+        if key in ("dtype", "param_dtype"):
+            config_utils._choice(f"classifier.{key}", value, tuple(config_utils.DTYPES))
+    sections = {k: config_utils._section(c, values.get(k, {}), k) for k, c in _SECTIONS.items()}
+    return ClassifierConfig(seed=seed, data=data_cfg, classifier=classifier, **sections)
+
+
+def _with_num_classes(config: ClassifierConfig, num_classes: int | None) -> ClassifierConfig:
+    if num_classes is None:
+        raise ValueError(
+            f"the data ({config.data.source}) have no labels to train a classifier on."
+        )
+    given = config.classifier.get("num_classes")
+    if given is not None and given != num_classes:
+        raise ConfigError(
+            f"classifier.num_classes={given} but the data ({config.data.source}) have "
+            f"{num_classes} classes; drop the key or set it to {num_classes}."
+        )
+    return dataclasses.replace(config, classifier={**config.classifier, "num_classes": num_classes})
+
+
+def make_classifier_step(
+    model: NoisyClassifier, config: ClassifierConfig, tx: optax.GradientTransformation
+) -> Callable[[TrainState, dict[str, jax.Array], dj.Schedule], tuple[TrainState, dict]]:
+    """``step(state, batch, schedule) -> (state, metrics)``: cross-entropy on noised images, Adam, EMA.
+
+    ``batch``: {"x": [B, H, W, C] in [-1, 1], "label": int32 [B]}. ``metrics``: ``loss`` (nats),
+    ``accuracy`` (on the noised batch, t ~ uniform) and ``grad_norm``, all scalars.
+    """
+
+    def loss_fn(params, batch, rng, schedule):
+        loss_rng, dropout_rng = jax.random.split(rng)
+
+        def logits_fn(x_t, t):
+            return model.apply(
+                {"params": params}, x_t, t, train=True, rngs={"dropout": dropout_rng}
+            )
+
+        nll, hits = dj.classifier_loss(schedule, logits_fn, batch["x"], batch["label"], loss_rng)
+        return jnp.mean(nll), jnp.mean(hits)
+
+    def step(state: TrainState, batch: dict[str, jax.Array], schedule: dj.Schedule):
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, state.step_rng(), schedule
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        num = state.step + 1
+        ema = update_ema(state.ema_params, params, ema_decay(config.ema, num))
+        new_state = state.replace(step=num, params=params, ema_params=ema, opt_state=opt_state)
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": _global_norm(grads)}
+        return new_state, metrics
+
+    return step
+
+
+def _global_norm(tree: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def heldout_accuracy(
+    classifier_fn: Callable[[Any, jax.Array, jax.Array], jax.Array],
+    params: Any,
+    schedule: dj.Schedule,
+    eval_batches: Any,
+    *,
+    fractions: tuple[float, ...] = EVAL_FRACTIONS,
+    seed: int = 0,
+) -> dict[int, float]:
+    """{t: accuracy} of ``classifier_fn(params, x_t, t) -> logits`` on x_t ~ q(x_t | x_0) for the
+    held-out batches, at t = round(f (T - 1)) for each fraction f (one fixed noise draw per batch)."""
+    num_timesteps = schedule.betas.shape[0]
+    timesteps = sorted({int(round(f * (num_timesteps - 1))) for f in fractions})
+
+    @jax.jit
+    def hits(params, x0, labels, rng):
+        out = []
+        for t in timesteps:
+            tt = jnp.full((x0.shape[0],), t, jnp.int32)
+            x_t = dj.q_sample(
+                schedule, x0, tt, jax.random.normal(jax.random.fold_in(rng, t), x0.shape)
+            )
+            logits = classifier_fn(params, x_t, schedule.model_timesteps[tt])
+            out.append(jnp.sum(jnp.argmax(logits, -1) == labels))
+        return jnp.stack(out)
+
+    total, count = np.zeros(len(timesteps)), 0
+    for i, batch in enumerate(eval_batches):
+        rng = jax.random.fold_in(jax.random.key(seed), i)
+        total += np.asarray(hits(params, jnp.asarray(batch["x"]), jnp.asarray(batch["label"]), rng))
+        count += len(batch["label"])
+    if count == 0:
+        raise ValueError("the held-out split is empty: nothing to evaluate the classifier on.")
+    return {t: float(h / count) for t, h in zip(timesteps, total, strict=True)}
+
+
+def train_classifier(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
+    """Trains the noise-aware classifier of ``config`` into ``workdir`` (resuming if it has checkpoints).
+
+    Returns (and writes to ``<workdir>/eval.json``) the held-out accuracy at several timesteps:
+    {"step": int, "accuracy": {t: float}}.
+    """
+    from diffusion_jax import data
+
+    cfg = config if isinstance(config, ClassifierConfig) else parse_classifier_config(config)
+    info = data.dataset_info(cfg.data)
+    cfg = _with_num_classes(cfg, info.num_classes)
+    data_shape = tuple(info.shape)
+    if len(data_shape) != 3:
+        raise ValueError(
+            f"the classifier takes images [H, W, C]; the data have shape {data_shape}."
+        )
+    workdir = epath.Path(workdir)
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh()
+    local_batch = sharding.check_batch_size(cfg.train.batch_size, mesh)
+    _check_workdir(workdir, cfg)
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / checkpoints.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    model = cfg.build_model()
+    schedule = jax.device_put(jax.tree.map(np.asarray, _schedule(cfg)), sharding.replicated(mesh))
+    tx, _ = make_optimizer(cfg.optim, cfg.train.num_steps)
+    keys = jax.random.split(jax.random.key(cfg.seed), 3)
+
+    def init():
+        x = jnp.zeros((1, *data_shape), jnp.float32)
+        params = model.init({"params": keys[0]}, x, jnp.zeros((1,), jnp.int32))["params"]
+        return TrainState.create(params, tx, keys[1])
+
+    abstract = jax.eval_shape(init)
+    shardings = sharding.state_shardings(abstract, mesh)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    data_seed = int(jax.random.randint(keys[2], (), 0, 2**31 - 1))
+    train_iter = data.make_train_iterator(
+        cfg.data, batch_size=local_batch, seed=data_seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )  # fmt: skip
+    step_fn = jax.jit(
+        make_classifier_step(model, cfg, tx),
+        in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    with contextlib.ExitStack() as stack:
+        manager = checkpoints.make_manager(
+            workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+        )
+        stack.callback(manager.close)
+        stack.callback(manager.wait_until_finished)
+        restored = checkpoints.restore_latest(manager, target, train_iter)
+        if restored is not None:
+            state, start = restored
+            logging.info("Resuming the classifier from step %d in %s", start, manager.directory)
+        else:
+            state, start = jax.jit(init, out_shardings=shardings)(), 0
+        num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract.params))
+        logging.info(
+            "NoisyClassifier with %s parameters; %d steps", f"{num_params:,}", cfg.train.num_steps
+        )
+
+        t0, history = time.time(), []
+        for step in range(start + 1, cfg.train.num_steps + 1):
+            batch = sharding.global_batch(
+                {k: v for k, v in next(train_iter).items() if k in ("x", "label")}, mesh
+            )
+            state, metrics = step_fn(state, batch, schedule)
+            history.append(metrics)
+            if step % cfg.train.log_every_steps == 0 or step == cfg.train.num_steps:
+                summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+                history = []
+                if not np.isfinite(summary["loss"]):
+                    raise FloatingPointError(
+                        f"the classifier's loss is {summary['loss']} by step {step}; lower "
+                        "optim.learning_rate or set optim.grad_clip_norm. The last checkpoint "
+                        f"in {manager.directory} is intact."
+                    )
+                logging.info(
+                    "step %d: loss %.4f, noisy-batch accuracy %.3f (%.1f steps/s)", step,
+                    summary["loss"], summary["accuracy"], step / max(time.time() - t0, 1e-9),
+                )  # fmt: skip
+            if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.num_steps:
+                checkpoints.save(manager, step, state, train_iter, cfg, data_shape)
+
+    eval_iter = data.make_eval_iterator(cfg.data, batch_size=256)
+    accuracy = heldout_accuracy(
+        _apply_fn(model), sharding.to_host(state.ema_params), _schedule(cfg), eval_iter
+    )
+    result = {"step": int(state.step), "accuracy": accuracy}
+    logging.info(
+        "Held-out accuracy (EMA) by timestep: %s",
+        ", ".join(f"t={t}: {a:.3f}" for t, a in accuracy.items()),
+    )
+    if is_main:
+        (workdir / EVAL_FILE).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _schedule(cfg: ClassifierConfig) -> dj.Schedule:
+    d = cfg.diffusion
+    kwargs = {
+        k: v for k, v in (("beta_start", d.beta_start), ("beta_end", d.beta_end)) if v is not None
+    }
+    return dj.make_schedule(d.schedule, d.num_timesteps, **kwargs)
+
+
+def _apply_fn(model: NoisyClassifier) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    return lambda params, x_t, t: model.apply({"params": params}, x_t, t, train=False)
+
+
+def _check_workdir(workdir: epath.Path, cfg: ClassifierConfig) -> None:
+    path = workdir / checkpoints.CONFIG_FILE
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    if "classifier" not in saved:
+        raise ValueError(
+            f"{workdir} holds a diffusion run, not a classifier: give train_classifier.py its own --workdir."
+        )
+    for key in ("classifier", "diffusion", "data"):
+        if saved.get(key) != cfg.to_dict().get(key):
+            raise ValueError(
+                f"{workdir} was trained with a different {key!r} section ({saved.get(key)} vs "
+                f"{cfg.to_dict().get(key)}); use a new --workdir or the saved config."
+            )
+
+
+def load_classifier(
+    workdir: epath.PathLike, step: int | None = None
+) -> tuple[Callable[[Any, jax.Array, jax.Array], jax.Array], Any, ClassifierConfig]:
+    """(classifier_fn(params, x_t, t) -> logits [B, K], EMA params, config) of a classifier workdir,
+    for :func:`dj.classifier_guidance`; the newest checkpoint unless ``step`` is given."""
+    directory = epath.Path(workdir) / checkpoints.CHECKPOINT_DIR
+    step = checkpoints._latest_good_step(directory, step)
+    run = json.loads((directory / str(step) / "config" / "metadata").read_text())
+    if "classifier" not in run["config"]:
+        raise ValueError(f"{workdir} is not a classifier workdir (no 'classifier' config section).")
+    cfg = parse_classifier_config(run["config"])
+    model = cfg.build_model()
+    data_shape = tuple(run["data_shape"])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.eval_shape(
+        lambda: model.init(
+            {"params": jax.random.key(0)}, jnp.zeros((1, *data_shape)), jnp.zeros((1,), jnp.int32)
+        )["params"]
+    )
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
+    )
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(
+            directory / str(step) / "state",
+            args=ocp.args.PyTreeRestore(
+                item={"ema_params": abstract},
+                restore_args={
+                    "ema_params": jax.tree.map(
+                        lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract
+                    )
+                },
+                partial_restore=True,
+            ),
+        )
+    return _apply_fn(model), restored["ema_params"], cfg
