@@ -6,6 +6,7 @@ r"""Draw samples from a trained run: a PNG grid, an ``.npz`` of uint8 images and
     python sample.py --workdir /tmp/diffusion_digits --labels none        # unconditional (null label)
     python sample.py --workdir /tmp/diffusion_digits --classifier_workdir /tmp/digits_classifier \
         --classifier_scale 2                                             # classifier guidance
+    python sample.py ... --classifier_scale 2 --guidance_scale 0         # ... of the model's unconditional mode
 
 Uses the EMA parameters of the newest (or ``--checkpoint_step``) checkpoint. Samplers: ddpm, ddim,
 euler, heun, dpm_solver_2m (``--num_steps 0``: all T steps). Files go to
@@ -56,6 +57,11 @@ def _guided_sampler_and_labels(generate):
         classifier_workdir=FLAGS.classifier_workdir,
         classifier_scale=FLAGS.classifier_scale,
     )
+    if FLAGS.classifier_workdir and FLAGS.labels.strip().lower() == "none":
+        raise ValueError(
+            "classifier guidance steers toward class labels, so --labels=none does not apply; to "
+            "guide the unconditional mode of a label-dropout model use --guidance_scale=0."
+        )
     labels = generate.parse_labels(
         FLAGS.labels, FLAGS.num_samples, guided.num_classes, guided.null_label
     )
