@@ -1,0 +1,259 @@
+"""The TPU VM and GPU user's path, as far as a CPU can follow it: a 2-process job on a gs:// workdir,
+SIGTERM to every process and a bit-exact resume, a profiler trace and an HLO dump from train.py,
+clear errors for buckets this setup cannot write, and the README's TPU/GPU commands (syntax, flags
+and config keys; they cannot run here).
+
+The gs:// bucket is served from a local folder by tests/_local_gcs.py; the 2-process runs train the
+small MLP of test_train_distributed.py (a U-Net would only add compile time).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from _train_helpers import POINTS, ROOT, cache_dir, free_port, load_state, start_worker, worker_env
+
+from diffusion_jax import checkpoints
+
+SECTION = "## Running on TPU VMs and GPUs"
+SCRIPTS = sorted((ROOT / "scripts").glob("*.sh")) + sorted((ROOT / "scripts").glob("*.sbatch"))
+LONG_RUN = [
+    *POINTS, "--set", "train.num_steps=120", "--set", "checkpoint.every_steps=1000",
+    "--set", "sample.num_samples=8", "--set", "train.log_every_steps=40",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return cache_dir(tmp_path_factory)
+
+
+def run_two_processes(cache, workdir: str, out_prefix: pathlib.Path, *extra, per_process=((), ())):
+    """Starts processes 0 and 1 of one jax.distributed job; returns their outputs (both exit 0)."""
+    port = free_port()
+    args = ["--workdir", workdir, *LONG_RUN, *extra, "--num_processes", "2", "--port", str(port)]
+    procs = [
+        start_worker(
+            [*args, "--process_id", str(i), "--out", f"{out_prefix}{i}.npz", *per_process[i]],
+            cache,
+            num_devices=2,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=300)[0])
+        finally:
+            p.kill()
+    for i, (p, out) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, f"process {i}:\n{out}"
+    return outs
+
+
+def stopped_at(out: str) -> int:
+    (line,) = [x for x in out.splitlines() if "on a termination request; checkpoint saved" in x]
+    return int(line.split("Stopped at step ")[1].split()[0])
+
+
+def test_two_processes_on_a_gs_workdir_stop_together_on_sigterm_and_resume_bit_exactly(
+    cache, tmp_path
+):
+    """As on a pod slice whose workers all get SIGTERM (a maintenance event, a spot preemption):
+    both save one same step to the bucket and exit 0; the rerun continues and ends where an
+    uninterrupted run ends, bit for bit."""
+    bucket = tmp_path / "bucket_root"
+    gcs = ["--local_gcs", str(bucket)]
+    url, run = "gs://bucket/runs/moons", bucket / "bucket" / "runs" / "moons"
+
+    outs = run_two_processes(
+        cache, url, tmp_path / "stopped", *gcs,
+        per_process=(("--term_at", "10"), ("--term_at", "10")),
+    )  # fmt: skip
+    stops = [stopped_at(out) for out in outs]
+    assert stops[0] == stops[1] and 10 <= stops[0] < 120, stops
+    step = stops[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [str(step)]
+    saved = run / "checkpoints" / str(step)
+    assert (saved / "commit_success.txt").is_file()  # Orbax's gs:// commit marker, not a rename
+    assert sorted(p.name for p in (saved / "data").glob("*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json",
+    ]  # fmt: skip
+    assert (run / "config.json").is_file()
+
+    outs = run_two_processes(cache, url, tmp_path / "resumed", *gcs)
+    assert all(f"Resuming from the checkpoint at step {step} in {url}" in out for out in outs)
+    assert [p.name for p in (run / "samples").iterdir()] == ["step_00000120.png"]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per start
+
+    run_two_processes(cache, str(tmp_path / "local"), tmp_path / "uninterrupted")
+    resumed, reference = (
+        load_state(tmp_path / "resumed0.npz"),
+        load_state(tmp_path / "uninterrupted0.npz"),
+    )
+    assert resumed.keys() == reference.keys() and int(resumed[".step"]) == 120
+    different = [k for k in reference if not np.array_equal(resumed[k], reference[k])]
+    assert not different, different
+    p1 = load_state(tmp_path / "resumed1.npz")
+    assert all(np.array_equal(p1[k], resumed[k]) for k in resumed)
+
+    # A sampling user reads the EMA weights back from the bucket.
+    code = (
+        "import sys, numpy as np, jax; sys.path.insert(0, 'tests'); from _local_gcs import install; "
+        f"install({str(bucket)!r}); from diffusion_jax import checkpoints; "
+        f"p, c = checkpoints.load_ema_params({url!r}); "
+        "print(sum(float(np.abs(x).sum()) for x in jax.tree.leaves(p)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=worker_env(cache),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    ema_total = sum(float(np.abs(v).sum()) for k, v in reference.items() if k.startswith(".ema"))
+    assert float(out.stdout.split()[-1]) == pytest.approx(ema_total, rel=1e-6)
+
+
+def test_train_py_writes_a_profile_and_an_xla_dump(tmp_path):
+    """``--config.profile.*`` puts a jax.profiler trace where TensorBoard's profile plugin looks;
+    ``--xla_dump_to`` dumps the compiled programs (no compilation cache here: a cache hit compiles
+    nothing and so dumps nothing)."""
+    workdir, dump = tmp_path / "w", tmp_path / "xla"
+    env = worker_env(tmp_path / "unused", num_devices=None)
+    env.pop("JAX_COMPILATION_CACHE_DIR")
+    cmd = [
+        sys.executable, "train.py", "--config", "configs/toy2d.py", "--workdir", str(workdir),
+        "--xla_dump_to", str(dump), "--config.train.num_steps=6", "--config.train.log_every_steps=3",
+        "--config.model.hidden=16", "--config.model.num_layers=1", "--config.sample.num_samples=0",
+        "--config.profile.start_step=3", "--config.profile.num_steps=2",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Profiling steps 3 to 4" in out.stderr
+    (trace,) = (workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb")
+    assert trace.stat().st_size > 0
+    assert list(dump.glob("*train_step*after_optimizations.txt")), sorted(os.listdir(dump))[:20]
+
+
+def test_bucket_workdirs_fail_early_naming_what_to_install(monkeypatch):
+    checkpoints.check_storage("/tmp/run")  # local folders need nothing
+    with pytest.raises(ValueError, match="only local .* and gs:// buckets"):
+        checkpoints.check_storage("s3://bucket/run")
+    monkeypatch.setattr(checkpoints, "_installed", lambda module: False)
+    with pytest.raises(ImportError, match="gcsfs and google-cloud-storage: pip install gcsfs"):
+        checkpoints.check_storage("gs://bucket/run")
+    checkpoints.check_storage("/tmp/run")
+
+
+# ---- the README's TPU/GPU commands and scripts/: syntax, flags and config keys ------------------
+
+
+def section_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(SECTION)
+    end = text.find("\n## ", start + len(SECTION))
+    return re.findall(r"```bash\n(.*?)\n```", text[start:end], flags=re.S)
+
+
+def train_py_invocations(script: str) -> list[list[str]]:
+    """The arguments of each ``python train.py`` in a shell text, also inside quoted --command=..."""
+    text = script.replace("\\\n", " ")
+    calls = []
+    for match in re.finditer(r"python3? train\.py\b([^\n]*)", text):
+        rest = match.group(1)
+        for quote in "\"'":  # inside --command="..." (or '...'): stop at the closing quote
+            if rest.count(quote) % 2:
+                rest = rest[: rest.rindex(quote)]
+        args = []
+        for token in shlex.split(rest, comments=True):
+            if token in ("&&", "||", ";", "|"):
+                break
+            args.append(token)
+        calls.append(args)
+    return calls
+
+
+def train_py_flags() -> set[str]:
+    source = (ROOT / "train.py").read_text()
+    return set(re.findall(r"(?:DEFINE_\w+|DEFINE_config_file)\(\s*\"(\w+)\"", source))
+
+
+def check_train_args(args: list[str]) -> None:
+    known = train_py_flags()
+    config_file = None
+    for i, arg in enumerate(args):
+        if arg == "--config":
+            config_file = args[i + 1]
+    assert config_file and (ROOT / config_file).is_file(), args
+    config = importlib.import_module(f"configs.{pathlib.Path(config_file).stem}").get_config()
+    for arg in args:
+        if not arg.startswith("--"):
+            continue
+        name = arg[2:].split("=", 1)[0]
+        if name.startswith("config."):
+            node = config
+            for key in name.split(".")[1:]:
+                assert key in node, f"{name} is not a key of {config_file}"
+                node = node[key]
+        else:
+            assert name in known, f"--{name} is not a train.py flag ({sorted(known)})"
+
+
+def test_readme_tpu_gpu_section_has_the_commands():
+    text = "\n".join(section_commands())
+    for needle in (
+        'pip install -e ".[tpu]"', 'pip install -e ".[cuda12]"', "python -m diffusion_jax.env",
+        "--worker=all", "sbatch scripts/slurm_gpu.sbatch", "--coordinator_address=",
+        "gs://", "--config.profile.num_steps=", "--xla_dump_to",
+    ):  # fmt: skip
+        assert needle in text, needle
+    for extra in re.findall(r"\.\[(\w+)\]", text):
+        assert f"\n{extra} = " in (ROOT / "pyproject.toml").read_text(), extra
+
+
+@pytest.mark.parametrize("index", range(len(section_commands())))
+def test_readme_tpu_gpu_command_is_valid_bash_with_real_flags(index, tmp_path):
+    script = section_commands()[index]
+    path = tmp_path / "block.sh"
+    path.write_text(script + "\n")
+    out = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, f"{script}\n{out.stderr}"
+    for args in train_py_invocations(script):
+        check_train_args(args)
+    for line in script.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        for at, word in enumerate(words):  # scripts/X ARGS... CONFIG WORKDIR [train.py flags]
+            if word.endswith("launch_tpu_pod.sh"):
+                assert words[at + 1] in ("install", "env", "train", "stop"), line
+                skip = 3 if words[at + 1] == "train" else None  # train NAME ZONE
+            elif word.endswith("slurm_gpu.sbatch"):
+                skip = 0
+            else:
+                continue
+            if skip is not None:
+                config, workdir, *extra = words[at + 1 + skip :]
+                check_train_args(["--config", config, "--workdir", workdir, *extra])
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_are_valid_bash_and_call_train_py_with_real_flags(script):
+    out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert os.access(script, os.X_OK), f"{script.name} is not executable"
+    known = train_py_flags()
+    calls = train_py_invocations(script.read_text())
+    assert calls, f"{script.name} does not run train.py"
+    for args in calls:
+        for arg in args:
+            if arg.startswith("--") and not arg.startswith("--config."):
+                assert arg[2:].split("=", 1)[0] in known, arg
