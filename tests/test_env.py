@@ -28,3 +28,18 @@ def test_env_check_reports_devices(devices):
     )
     assert f"{devices} local device(s), {devices} in all" in text.stdout
     assert "no problems found" in text.stdout
+
+
+def test_env_check_with_distributed_runs_as_one_process_outside_a_cluster():
+    """``--distributed`` joins a multi-process run as train.py does; with none it reports one process."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS_ID", "SLURM_"))
+    }
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    cmd = [sys.executable, "-m", "diffusion_jax.env", "--json", "--distributed"]
+    report = json.loads(
+        subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    )
+    assert (report["process_count"], report["global_device_count"]) == (1, 2)

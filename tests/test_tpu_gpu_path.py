@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from _train_helpers import POINTS, ROOT, cache_dir, free_port, load_state, start_worker, worker_env
 
-from diffusion_jax import checkpoints
+from diffusion_jax import checkpoints, sharding
 
 SECTION = "## Running on TPU VMs and GPUs"
 SCRIPTS = sorted((ROOT / "scripts").glob("*.sh")) + sorted((ROOT / "scripts").glob("*.sbatch"))
@@ -124,25 +124,53 @@ def test_two_processes_on_a_gs_workdir_stop_together_on_sigterm_and_resume_bit_e
     assert float(out.stdout.split()[-1]) == pytest.approx(ema_total, rel=1e-6)
 
 
-def test_train_py_writes_a_profile_and_an_xla_dump(tmp_path):
-    """``--config.profile.*`` puts a jax.profiler trace where TensorBoard's profile plugin looks;
-    ``--xla_dump_to`` dumps the compiled programs (no compilation cache here: a cache hit compiles
-    nothing and so dumps nothing)."""
-    workdir, dump = tmp_path / "w", tmp_path / "xla"
+def test_train_py_on_two_machines_with_explicit_flags_writes_a_profile_and_an_xla_dump(tmp_path):
+    """The README's multi-machine GPU command, as two local processes: ``--coordinator_address``,
+    ``--num_processes`` and ``--process_id`` join them; ``--config.profile.*`` puts process 0's
+    jax.profiler trace where TensorBoard's profile plugin looks; ``--xla_dump_to`` dumps the
+    compiled programs (no compilation cache here: a cache hit compiles nothing, so dumps nothing)."""
+    workdir, port = tmp_path / "w", free_port()
     env = worker_env(tmp_path / "unused", num_devices=None)
     env.pop("JAX_COMPILATION_CACHE_DIR")
-    cmd = [
-        sys.executable, "train.py", "--config", "configs/toy2d.py", "--workdir", str(workdir),
-        "--xla_dump_to", str(dump), "--config.train.num_steps=6", "--config.train.log_every_steps=3",
-        "--config.model.hidden=16", "--config.model.num_layers=1", "--config.sample.num_samples=0",
-        "--config.profile.start_step=3", "--config.profile.num_steps=2",
-    ]  # fmt: skip
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "Profiling steps 3 to 4" in out.stderr
+    procs = []
+    for i in range(2):
+        cmd = [
+            sys.executable, "train.py", "--config", "configs/toy2d.py", "--workdir", str(workdir),
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+            "--xla_dump_to", str(tmp_path / f"xla{i}"), "--config.train.num_steps=6",
+            "--config.train.log_every_steps=3", "--config.model.hidden=16",
+            "--config.model.num_layers=1", "--config.sample.num_samples=0",
+            "--config.profile.start_step=3", "--config.profile.num_steps=2",
+        ]  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=300)[0])
+        finally:
+            p.kill()
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out
+        assert "2 process(es), 2 device(s)" in out
+    assert "Profiling steps 3 to 4" in outs[0] and "Profiling" not in outs[1]
     (trace,) = (workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb")
     assert trace.stat().st_size > 0
-    assert list(dump.glob("*train_step*after_optimizations.txt")), sorted(os.listdir(dump))[:20]
+    for i in range(2):
+        dumps = sorted(os.listdir(tmp_path / f"xla{i}"))
+        assert any("train_step" in d and d.endswith("after_optimizations.txt") for d in dumps), (
+            dumps
+        )
+
+
+def test_partial_multi_process_settings_fail_naming_what_is_missing(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="coordinator_address=None, num_processes=2, process_id=0"):
+        sharding.initialize_distributed(num_processes=2, process_id=0)
 
 
 def test_bucket_workdirs_fail_early_naming_what_to_install(monkeypatch):
