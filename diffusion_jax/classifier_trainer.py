@@ -81,12 +81,9 @@ class ClassifierConfig:
         return NoisyClassifier(**kwargs)
 
 
+# The sections shared with a diffusion run's config, checked by the same dataclasses.
 _SECTIONS = {
-    "diffusion": DiffusionConfig,
-    "optim": OptimConfig,
-    "ema": EmaConfig,
-    "train": TrainConfig,
-    "checkpoint": CheckpointConfig,
+    k: config_utils._SECTIONS[k] for k in ("diffusion", "optim", "ema", "train", "checkpoint")
 }
 
 

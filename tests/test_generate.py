@@ -20,15 +20,20 @@ import pytest
 ROOT = helpers.ROOT
 
 
+def _override(config, overrides: dict):
+    """Sets "section.key" entries of a ConfigDict."""
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        setattr(getattr(config, section), name, value)
+    return config
+
+
 def _tiny_run_config(**overrides):
     config = helpers.tiny_config()
     config.train.num_steps = 2
     config.checkpoint.every_steps = 2
     config.sample.num_samples = 0
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        setattr(getattr(config, section), name, value)
-    return config
+    return _override(config, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +57,7 @@ def _classifier_config(num_steps: int, **overrides):
     config.train.log_every_steps = 50
     config.checkpoint.every_steps = 50
     config.ema.decay = 0.9
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        setattr(getattr(config, section), name, value)
-    return config
+    return _override(config, overrides)
 
 
 @pytest.fixture(scope="module")
