@@ -321,18 +321,20 @@ def make_train_iterator(
     the same batches.
     """
     cfg = to_data_config(data_cfg)
+    return _iterate_split(
+        cfg, cfg.split, batch_size=batch_size, seed=seed, process_index=process_index,
+        process_count=process_count, train=True, drop_remainder=True, random_flip=cfg.random_flip,
+    )  # fmt: skip
+
+
+def _iterate_split(cfg: DataConfig, split: str, **kwargs: Any):
+    """:func:`_iterate` over ``split`` of the configured source with the config's reader settings."""
     return _iterate(
-        open_source(cfg, cfg.split),
-        batch_size=batch_size,
-        seed=seed,
-        process_index=process_index,
-        process_count=process_count,
-        train=True,
-        drop_remainder=True,
-        random_flip=cfg.random_flip,
+        open_source(cfg, split),
         num_threads=cfg.num_threads,
         prefetch_batches=cfg.prefetch_batches,
         num_workers=cfg.num_workers,
+        **kwargs,
     )
 
 
@@ -352,19 +354,10 @@ def make_eval_iterator(
     Digits: the held-out split is the last 297 images ("test"); training uses the first 1500.
     """
     cfg = to_data_config(data_cfg)
-    return _iterate(
-        open_source(cfg, cfg.eval_split),
-        batch_size=batch_size,
-        seed=0,
-        process_index=process_index,
-        process_count=process_count,
-        train=False,
-        drop_remainder=drop_remainder,
-        random_flip=False,
-        num_threads=cfg.num_threads,
-        prefetch_batches=cfg.prefetch_batches,
-        num_workers=cfg.num_workers,
-    )
+    return _iterate_split(
+        cfg, cfg.eval_split, batch_size=batch_size, seed=0, process_index=process_index,
+        process_count=process_count, train=False, drop_remainder=drop_remainder, random_flip=False,
+    )  # fmt: skip
 
 
 def make_array_iterator(

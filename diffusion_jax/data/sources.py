@@ -283,6 +283,25 @@ def decode_image(path: str, channels: int) -> np.ndarray:
     return transforms.convert_channels(arr, target)
 
 
+def _fit_config(
+    img: np.ndarray, cfg: Any, rng: np.random.Generator | None, shape: tuple, what: str
+) -> np.ndarray:
+    """``img`` resized / cropped as ``cfg`` says, checked to have ``shape`` (``what`` names it)."""
+    img = transforms.fit_image(
+        img,
+        cfg.image_size,
+        resize_method=cfg.resize_method,
+        crop=cfg.crop,
+        min_crop_fraction=cfg.min_crop_fraction,
+        rng=rng,
+    )
+    if img.shape != shape:
+        raise ValueError(
+            f"{what} shape {img.shape}, expected {shape}; set data.image_size to resize the images"
+        )
+    return img
+
+
 class FolderSource:
     """Every PNG/JPEG/WebP file under ``path`` (recursively, sorted), optionally labelled by sub-folder.
 
@@ -403,19 +422,7 @@ class FolderSource:
                     f"cannot decode {path} ({type(e).__name__}: {e}); it changed after the up-front check "
                     "or data.verify_images=False let it through. Delete or re-encode it."
                 ) from e
-            img = transforms.fit_image(
-                img,
-                cfg.image_size,
-                resize_method=cfg.resize_method,
-                crop=cfg.crop,
-                min_crop_fraction=cfg.min_crop_fraction,
-                rng=rng,
-            )
-            if img.shape != self.shape:
-                raise ValueError(
-                    f"{path} decodes to shape {img.shape}, expected {self.shape}; set data.image_size"
-                )
-            images.append(img)
+            images.append(_fit_config(img, cfg, rng, self.shape, f"{path} decodes to"))
         out = {"x": transforms.uint8_to_float(np.stack(images))}
         if self.labels is not None:
             out["label"] = self.labels[indices]
@@ -618,19 +625,7 @@ class TfdsSource:
         if img.ndim == 2:
             img = img[..., None]
         img = transforms.convert_channels(img, cfg.channels)
-        img = transforms.fit_image(
-            img,
-            cfg.image_size,
-            resize_method=cfg.resize_method,
-            crop=cfg.crop,
-            min_crop_fraction=cfg.min_crop_fraction,
-            rng=rng,
-        )
-        if img.shape != self.shape:
-            raise ValueError(
-                f"{self.name} {where}: image of shape {img.shape} where {self.shape} was expected; set data.image_size"
-            )
-        return img
+        return _fit_config(img, cfg, rng, self.shape, f"{self.name} {where}: image of")
 
     def load(
         self, indices: np.ndarray, rng: np.random.Generator | None = None
