@@ -249,8 +249,9 @@ class ShardingConfig:
 @dataclasses.dataclass(frozen=True)
 class ProfileConfig:
     """A ``jax.profiler`` trace of ``num_steps`` training steps (0: none) from step ``start_step``
-    (counted like ``train.num_steps``; leave a few steps for compilation) into
-    ``<workdir>/tensorboard/plugins/profile/``, for TensorBoard's profile plugin. Process 0 only."""
+    into ``<workdir>/tensorboard/plugins/profile/``, for TensorBoard's profile plugin; process 0
+    only. Steps count from 1 over the whole run, as ``train.num_steps`` does: start past the first
+    step (compilation), and a run resumed after ``start_step`` traces nothing."""
 
     start_step: int = 10
     num_steps: int = 0

@@ -7,7 +7,8 @@ parameters, and drops the update of a batch whose loss or gradient is not finite
 
 :func:`train_and_evaluate` restores the newest checkpoint in ``workdir`` or starts afresh, then
 loops: log scalars to TensorBoard, save Orbax checkpoints, draw sample grids from the EMA weights,
-and on SIGTERM or a preemption notice save and return.
+optionally trace a few steps with ``jax.profiler``, and on SIGTERM or a preemption notice save and
+return.
 """
 
 from __future__ import annotations
@@ -464,10 +465,10 @@ def _train_loop(
     interval_start, interval_step, paused = time.time(), start, 0.0
     step = start
     for step in range(start + 1, num_steps + 1):
-        local = next(train_iter)
-        batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
         profiler.before_step(step)
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):  # steps in the profile
+            local = next(train_iter)
+            batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
             with jax.transfer_guard("disallow"):
                 state, metrics = train_step(state, batch, schedule)
         profiler.after_step(step, state)

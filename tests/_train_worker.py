@@ -2,14 +2,14 @@
 
     python tests/_train_worker.py --workdir W --out result.npz [--set train.num_steps=8 ...]
         [--kill_at STEP --after_checkpoint STEP] [--term_at STEP]
-        [--process_id I --num_processes P --port PORT]
+        [--process_id I --num_processes P --port PORT] [--local_gcs FOLDER]
 
 Runs ``trainer.train_and_evaluate`` on ``configs/tiny.py`` with the overrides, then writes every
 leaf of the final state (as numpy, gathered to this process) to ``--out``. ``--kill_at`` SIGKILLs
 the process after that step, once the checkpoint ``--after_checkpoint`` is on disk; ``--term_at``
 sends it SIGTERM. With ``--num_processes`` > 1 it joins a ``jax.distributed`` run on 127.0.0.1, and
 every process reads its slice of the same global batches a single process would read, so the runs
-can be compared.
+can be compared. ``--local_gcs`` serves ``gs://`` workdirs from a local folder (tests/_local_gcs.py).
 """
 
 from __future__ import annotations
@@ -69,7 +69,6 @@ class GlobalBatchSlice:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(filename)s] %(message)s")
-    logging.getLogger("gcsfs").setLevel(logging.ERROR)  # "no credentials" against the test server
     for handler in logging.getLogger().handlers:
         handler.addFilter(lambda r: r.levelno >= logging.WARNING or "/orbax/" not in r.pathname)
     if args.num_processes > 1:
