@@ -36,11 +36,13 @@ def cache(tmp_path_factory):
     return cache_dir(tmp_path_factory)
 
 
-def run_two_processes(cache, workdir: str, out_prefix: pathlib.Path, *extra, per_process=((), ())):
-    """Starts processes 0 and 1 of one jax.distributed job; returns their outputs (both exit 0)."""
+def start_two_processes(
+    cache, workdir: str, out_prefix: pathlib.Path, *extra, per_process=((), ())
+):
+    """Starts processes 0 and 1 of one jax.distributed job training LONG_RUN."""
     port = free_port()
     args = ["--workdir", workdir, *LONG_RUN, *extra, "--num_processes", "2", "--port", str(port)]
-    procs = [
+    return [
         start_worker(
             [*args, "--process_id", str(i), "--out", f"{out_prefix}{i}.npz", *per_process[i]],
             cache,
@@ -48,6 +50,10 @@ def run_two_processes(cache, workdir: str, out_prefix: pathlib.Path, *extra, per
         )
         for i in range(2)
     ]
+
+
+def finish(procs: list[subprocess.Popen]) -> list[str]:
+    """The outputs of processes that must all exit 0."""
     outs = []
     for p in procs:
         try:
@@ -74,9 +80,13 @@ def test_two_processes_on_a_gs_workdir_stop_together_on_sigterm_and_resume_bit_e
     gcs = ["--local_gcs", str(bucket)]
     url, run = "gs://bucket/runs/moons", bucket / "bucket" / "runs" / "moons"
 
-    outs = run_two_processes(
-        cache, url, tmp_path / "stopped", *gcs,
-        per_process=(("--term_at", "10"), ("--term_at", "10")),
+    # The uninterrupted reference run (local workdir) trains alongside.
+    reference_run = start_two_processes(cache, str(tmp_path / "local"), tmp_path / "uninterrupted")
+    outs = finish(
+        start_two_processes(
+            cache, url, tmp_path / "stopped", *gcs,
+            per_process=(("--term_at", "10"), ("--term_at", "10")),
+        )
     )  # fmt: skip
     stops = [stopped_at(out) for out in outs]
     assert stops[0] == stops[1] and 10 <= stops[0] < 120, stops
@@ -89,12 +99,12 @@ def test_two_processes_on_a_gs_workdir_stop_together_on_sigterm_and_resume_bit_e
     ]  # fmt: skip
     assert (run / "config.json").is_file()
 
-    outs = run_two_processes(cache, url, tmp_path / "resumed", *gcs)
+    outs = finish(start_two_processes(cache, url, tmp_path / "resumed", *gcs))
     assert all(f"Resuming from the checkpoint at step {step} in {url}" in out for out in outs)
     assert [p.name for p in (run / "samples").iterdir()] == ["step_00000120.png"]
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per start
 
-    run_two_processes(cache, str(tmp_path / "local"), tmp_path / "uninterrupted")
+    finish(reference_run)
     resumed, reference = (
         load_state(tmp_path / "resumed0.npz"),
         load_state(tmp_path / "uninterrupted0.npz"),
@@ -147,15 +157,8 @@ def test_train_py_on_two_machines_with_explicit_flags_writes_a_profile_and_an_xl
                 cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
         )
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=300)[0])
-        finally:
-            p.kill()
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out
-        assert "2 process(es), 2 device(s)" in out
+    outs = finish(procs)
+    assert all("2 process(es), 2 device(s)" in out for out in outs)
     assert "Profiling steps 3 to 4" in outs[0] and "Profiling" not in outs[1]
     (trace,) = (workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb")
     assert trace.stat().st_size > 0
