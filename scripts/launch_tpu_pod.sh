@@ -37,9 +37,10 @@ else git clone $repo $repo_dir; fi; cd $repo_dir && pip install -e '.[tpu]' gcsf
     ;;
   train)
     [[ $# -ge 2 ]] || usage
-    config=$1 workdir=$2
+    config=$(printf '%q' "$1") workdir=$(printf '%q' "$2")
     shift 2
-    extra=$(printf ' %q' "$@")
+    extra=""
+    [[ $# -eq 0 ]] || extra=$(printf ' %q' "$@")  # quoted for the remote shell
     on_all_workers "cd $repo_dir && python3 train.py --config $config --workdir $workdir$extra"
     ;;
   stop)

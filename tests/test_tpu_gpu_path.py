@@ -288,3 +288,34 @@ def test_scripts_are_valid_bash_and_call_train_py_with_real_flags(script):
         for arg in args:
             if arg.startswith("--") and not arg.startswith("--config."):
                 assert arg[2:].split("=", 1)[0] in known, arg
+
+
+def test_scripts_send_the_documented_commands(tmp_path):
+    """The launch scripts with stand-ins for ``gcloud`` and ``srun`` that print what they were asked
+    to run: the same train.py command on every TPU worker (flags quoted for the remote shell), and
+    one ``srun`` per step under Slurm."""
+    for tool in ("gcloud", "srun"):
+        (tmp_path / tool).write_text('#!/bin/bash\nprintf "%s\\n" "$*"\n')
+        (tmp_path / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", REPO="https://x/dj.git")
+
+    def run(*cmd):
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+        return out.stdout.splitlines()
+
+    flags = ["configs/cifar10.py", "gs://b/run", "--config.model.dtype=bfloat16"]
+    (line,) = run("scripts/launch_tpu_pod.sh", "train", "my-tpu", "zone-a", *flags)
+    assert line.startswith("compute tpus tpu-vm ssh my-tpu --zone=zone-a --worker=all --command=")
+    remote = line.split("--command=", 1)[1]
+    assert remote == (
+        "cd diffusion_jax && python3 train.py --config configs/cifar10.py --workdir gs://b/run "
+        "--config.model.dtype=bfloat16"
+    )
+    (args,) = train_py_invocations(remote)
+    check_train_args(args)
+    (line,) = run("scripts/launch_tpu_pod.sh", "install", "my-tpu", "zone-a")
+    assert "git clone https://x/dj.git diffusion_jax" in line and "pip install -e '.[tpu]'" in line
+
+    env_line, train_line = run("bash", "scripts/slurm_gpu.sbatch", *flags)
+    assert env_line == "python -m diffusion_jax.env --distributed"
+    check_train_args(train_line.split()[2:])
