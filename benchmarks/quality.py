@@ -2,6 +2,7 @@ r"""Sample quality and bits/dim of the default digits model, per sampler and num
 
     python benchmarks/quality.py                                   # the full default budget
     python benchmarks/quality.py --train_steps 300 --bpd_examples 32 --workdir /tmp/q300
+    python benchmarks/quality.py --tiny --workdir /tmp/qtiny     # smoke test: configs/tiny.py, seconds
 
 Trains ``configs/digits.py`` (the default: a class-conditional U-Net on the 8x8 digits) for
 ``--train_steps`` batches (default: the config's) through
@@ -54,7 +55,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bpd_examples", type=int, default=64)
     parser.add_argument("--runs", default=",".join(f"{s}:{n}" for s, n in RUNS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tiny", action="store_true", help="configs/tiny.py, 2 steps, ddim:2, 16 samples, no bpd"
+    )
     args = parser.parse_args(argv)
+    if args.tiny:
+        args.train_steps, args.runs, args.bpd_examples = 2, "ddim:2", 0
+        args.num_samples = args.num_samples or 16
 
     import logging as std_logging
 
@@ -66,11 +73,11 @@ def main(argv: list[str] | None = None) -> dict:
         lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname
     )
 
-    from configs import digits
+    from configs import digits, tiny
     from diffusion_jax import checkpoints, trainer
     from diffusion_jax.evaluation import pipeline
 
-    config = digits.get_config()
+    config = (tiny if args.tiny else digits).get_config()
     if args.train_steps is not None:
         config.train.num_steps = args.train_steps
         config.checkpoint.every_steps = min(config.checkpoint.every_steps, args.train_steps)

@@ -1,6 +1,6 @@
 """Compile time of a sampling chain versus its number of steps (it should not grow).
 
-    python benchmarks/sampler_compile.py
+    python benchmarks/sampler_compile.py          # --tiny: a smoke test (8x8, batch 1, 2 samplers)
 
 Prints a table: sampler, steps, compile seconds (lower + compile), run seconds, for a small U-Net
 (ch=32, ch_mult=(1, 2), one res block, attention at 8x8) on 16x16x1 images, batch 4.
@@ -8,6 +8,7 @@ Prints a table: sampler, steps, compile seconds (lower + compile), run seconds, 
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import jax
@@ -17,17 +18,27 @@ import diffusion_jax as dj
 from diffusion_jax.models import UNet
 
 
-def main() -> None:
-    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
-    shape = (4, 16, 16, 1)
-    params = model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros((4,), jnp.int32))["params"]
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--tiny", action="store_true", help="8x8 images, batch 1, ddim at 2/10 steps"
+    )
+    args = parser.parse_args(argv)
+    size = 8 if args.tiny else 16
+    model = UNet(
+        ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(size // 2,), dropout=0.0
+    )
+    shape = (1 if args.tiny else 4, size, size, 1)
+    t = jnp.zeros(shape[:1], jnp.int32)
+    params = model.init(jax.random.key(0), jnp.zeros(shape), t)["params"]
     denoise = lambda p, x, t: model.apply({"params": p}, x, t)
     schedule = dj.make_schedule("linear", 1000)
     rows = []
-    for sampler, steps in (
+    runs = (
         ("ddpm", 1000), ("ddpm", 10), ("ddim", 1000), ("ddim", 10),
         ("heun", 1000), ("heun", 10), ("dpm_solver_2m", 1000), ("dpm_solver_2m", 10),
-    ):  # fmt: skip
+    )  # fmt: skip
+    for sampler, steps in (("ddim", 2), ("ddim", 10)) if args.tiny else runs:
         sample = jax.jit(
             dj.make_sampler(denoise, schedule, sampler=sampler, num_steps=steps), static_argnums=2
         )

@@ -1,0 +1,84 @@
+"""Every script in benchmarks/ runs end to end at a tiny size (benchmarks are not run by CI otherwise).
+
+The diffusers comparison runs its PyTorch half only where torch and diffusers are installed (the
+``bench`` extra); the JAX half always runs, so a broken benchmark fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _run(script: str, *args: str, timeout: float = 300) -> str:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_every_benchmark_script_has_a_smoke_test():
+    scripts = {f for f in os.listdir(BENCH) if f.endswith(".py")}
+    assert scripts == set(SMOKE), f"add a tiny-size run for {scripts ^ set(SMOKE)} below"
+
+
+def _unet_vs_diffusers(tmp_path):
+    out = tmp_path / "report.json"
+    stdout = _run("unet_vs_diffusers.py", "--quick", "--tiny", "--out", str(out))
+    report = json.loads(out.read_text())
+    cases = report["cases"]
+    assert set(cases) == {"forward_b1", "train_b1", "chain2_b1"}
+    assert all(c["ours"]["median"] > 0 for c in cases.values())
+    assert report["setup"]["train"]["1"]["ours"]["flops"] > 0
+    assert report["matmul_peak_flops"] > 0
+    try:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        assert "theirs" not in report["num_params"]
+    else:
+        assert report["num_params"]["theirs"] == report["num_params"]["ours"]
+        assert all(c["ratio"]["median"] > 0 for c in cases.values())
+    assert "train_b1" in stdout
+
+
+def _sampler_compile(tmp_path):
+    stdout = _run("sampler_compile.py", "--tiny")
+    assert "ddim" in stdout
+
+
+def _input_pipeline(tmp_path):
+    stdout = _run("input_pipeline.py", "--num-images", "8", "--batches", "1", "--batch-size", "4")
+    assert "images/s" in stdout or stdout.strip()
+
+
+def _quality(tmp_path):
+    stdout = _run("quality.py", "--tiny", "--workdir", str(tmp_path / "quality"))
+    assert "| ddim | 2 |" in stdout
+
+
+SMOKE = {
+    "unet_vs_diffusers.py": _unet_vs_diffusers,
+    "sampler_compile.py": _sampler_compile,
+    "input_pipeline.py": _input_pipeline,
+    "quality.py": _quality,
+}
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_benchmark_runs_at_a_tiny_size(script, tmp_path):
+    SMOKE[script](tmp_path)
