@@ -63,16 +63,19 @@ if FAST:
     config.data.num_threads = 0  # no background reader on a 2-core machine
     config.optim.warmup_steps = 10
     config.sample.num_samples = 0  # the notebook draws its own samples
-else:
-    config.train.num_steps = 3000  # ~10 minutes on a Colab CPU, well under one on a GPU
+# Otherwise the default's 1500 steps of batch 64: ~5 minutes on 2 CPU cores, under one on a GPU.
 config.checkpoint.every_steps = config.train.num_steps
 config.sample.every_steps = 0  # sample grids only at the end of training
 print(f"{config.train.num_steps} steps of batch {config.train.batch_size}")'''
 
 TRAIN_DIGITS = '''\
-from tqdm.auto import tqdm
+import warnings
 
 from diffusion_jax import trainer
+
+with warnings.catch_warnings():  # without ipywidgets tqdm warns, then draws a text bar
+    warnings.simplefilter("ignore")
+    from tqdm.auto import tqdm
 
 bar = tqdm(total=config.train.num_steps, desc="training")
 start = time.time()
@@ -253,7 +256,7 @@ print("reloaded EMA weights equal the trained ones:", same)
 assert same and loaded_cfg.model == cfg.model
 
 run = checkpoints.load_sampler(WORKDIR, sampler="ddim", num_steps=S)
-print(run.data_shape, run.config.sample)""",
+print(f"examples of shape {run.data_shape}; sampler: DDIM, {S} steps")""",
     ),
     (
         "md",
@@ -534,7 +537,7 @@ print(f"{'floor (data vs data)':24s} {'':12s} {floor[0]:16.4f} {floor[1]:10.4f}"
 `FAST` switch on (few training steps) differences between schedules are within the noise of
 training. From here: `python train.py --config configs/toy2d.py --workdir /tmp/dino` trains the
 same Fourier-feature MLP with the full trainer (checkpoints, EMA, TensorBoard), and
-`python evaluate.py` scores it with these distances.""",
+`python evaluate.py --workdir /tmp/dino --metrics ed,swd` scores it with these distances.""",
     ),
 ]
 
@@ -623,9 +626,9 @@ one call; `guidance_scale` is an ordinary traced argument, so every scale reuses
 guided = dj.make_sampler(dj.classifier_free_guidance(denoise_fn, null_label=NULL), schedule, sampler="ddim", num_steps=20)
 draw = jax.jit(lambda p, k, w: guided(p, k, (20, 8, 8, 1), y=jnp.tile(jnp.arange(10), 2), guidance_scale=w))
 scales = [0.0, 1.0, 3.0] if FAST else [0.0, 1.0, 2.0, 4.0, 8.0]
-fig, axes = plt.subplots(1, len(scales), figsize=(2.9 * len(scales), 1.6))
+fig, axes = plt.subplots(len(scales), 1, figsize=(5.5, 1.5 * len(scales)))
 for ax, w in zip(axes, scales, strict=True):
-    show(draw(params, jax.random.key(3), w), columns=10, ax=ax, title=f"w = {w:g}")
+    show(draw(params, jax.random.key(3), w), columns=10, ax=ax, title=f"guidance scale w = {w:g} (same noise in every row)")
 plt.show()""",
     ),
     (
