@@ -13,9 +13,10 @@ tags ``eval/...``). All the work is in :func:`diffusion_jax.evaluation.pipeline.
 """
 
 import json
-import logging as std_logging
 
 from absl import app, flags, logging
+
+from diffusion_jax import cli_logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, config.json).")
@@ -37,15 +38,10 @@ flags.DEFINE_bool("export", False, "Also write the samples as uint8 .npz (arr_0)
 flags.mark_flags_as_required(["workdir"])
 
 
-class _WarningsOnlyFromOrbax(std_logging.Filter):
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_WarningsOnlyFromOrbax())
+    cli_logging.quiet_orbax()
     from diffusion_jax.evaluation import pipeline
 
     result = pipeline.evaluate_workdir(

@@ -20,6 +20,8 @@ import time
 
 from absl import app, flags
 
+from diffusion_jax import cli_logging
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/), local or gs://.")
 flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: the newest).")
@@ -71,6 +73,7 @@ def _guided_sampler_and_labels(generate):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli_logging.quiet_orbax()
     from diffusion_jax import generate
     from diffusion_jax.evaluation import export
 

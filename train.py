@@ -9,13 +9,12 @@ programs (HLO) to a local folder; ``--config.profile.num_steps=5`` traces five s
 TensorBoard's profile plugin.
 """
 
-import logging as std_logging
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import sharding
+from diffusion_jax import cli_logging, sharding
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -35,17 +34,10 @@ flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _WarningsOnlyFromOrbax(std_logging.Filter):
-    """Orbax logs several INFO lines per checkpoint; keep its warnings and errors only."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_WarningsOnlyFromOrbax())
+    cli_logging.quiet_orbax()
     if FLAGS.xla_dump_to:  # read when the backend starts, i.e. at the first JAX call below
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={FLAGS.xla_dump_to}"

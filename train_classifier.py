@@ -10,6 +10,8 @@ Resumes from ``<workdir>/checkpoints`` when rerun; override config keys on the c
 from absl import app, flags
 from ml_collections import config_flags
 
+from diffusion_jax import cli_logging
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Classifier config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, config.json and eval.json go.")
@@ -19,6 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli_logging.quiet_orbax()
     from diffusion_jax import classifier_trainer, sharding
 
     sharding.initialize_distributed()
