@@ -106,3 +106,22 @@ def load_state(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 def param_leaves(state: dict[str, np.ndarray], prefix: str = ".params") -> dict[str, np.ndarray]:
     return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+    """The combined outputs of processes that must all exit 0 (each killed if it overruns)."""
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout)[0])
+        finally:
+            p.kill()
+    for i, (p, out) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, f"process {i}:\n{out}"
+    return outs
+
+
+def stopped_at(out: str) -> int:
+    """The step at which a worker saved and stopped on SIGTERM, from its log."""
+    (line,) = [x for x in out.splitlines() if "on a termination request; checkpoint saved" in x]
+    return int(line.split("Stopped at step ")[1].split()[0])

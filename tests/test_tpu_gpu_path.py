@@ -19,7 +19,17 @@ import sys
 
 import numpy as np
 import pytest
-from _train_helpers import POINTS, ROOT, cache_dir, free_port, load_state, start_worker, worker_env
+from _train_helpers import (
+    POINTS,
+    ROOT,
+    cache_dir,
+    finish,
+    free_port,
+    load_state,
+    start_worker,
+    stopped_at,
+    worker_env,
+)
 
 from diffusion_jax import checkpoints, sharding
 
@@ -50,24 +60,6 @@ def start_two_processes(
         )
         for i in range(2)
     ]
-
-
-def finish(procs: list[subprocess.Popen]) -> list[str]:
-    """The outputs of processes that must all exit 0."""
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=300)[0])
-        finally:
-            p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs, strict=True)):
-        assert p.returncode == 0, f"process {i}:\n{out}"
-    return outs
-
-
-def stopped_at(out: str) -> int:
-    (line,) = [x for x in out.splitlines() if "on a termination request; checkpoint saved" in x]
-    return int(line.split("Stopped at step ")[1].split()[0])
 
 
 def test_two_processes_on_a_gs_workdir_stop_together_on_sigterm_and_resume_bit_exactly(

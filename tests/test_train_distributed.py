@@ -13,11 +13,13 @@ import pytest
 from _train_helpers import (
     POINTS,
     cache_dir,
+    finish,
     free_port,
     load_state,
     param_leaves,
     run_worker,
     start_worker,
+    stopped_at,
 )
 
 from diffusion_jax import checkpoints
@@ -89,14 +91,7 @@ def test_two_processes_agree_with_each_other_and_with_one_process(one_device, ca
         )
         for i in range(2)
     ]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=300)[0])
-        finally:
-            p.kill()
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out
+    for out in finish(procs):
         assert "2 process(es), 4 device(s)" in out and "4 per process" in out
     p0, p1 = load_state(tmp_path / "p0.npz"), load_state(tmp_path / "p1.npz")
     assert all(np.array_equal(p0[k], p1[k]) for k in p0)
@@ -117,16 +112,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(ca
         start_worker([*args, "--process_id", "0"], cache, num_devices=2),
         start_worker([*args, "--process_id", "1", "--term_at", "20"], cache, num_devices=2),
     ]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=300)[0])
-        finally:
-            p.kill()
     stops = []
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out
-        (line,) = [x for x in out.splitlines() if "on a termination request; checkpoint saved" in x]
-        stops.append(int(line.split("Stopped at step ")[1].split()[0]))
+    for out in finish(procs):
+        stops.append(stopped_at(out))
     assert stops[0] == stops[1] and 20 <= stops[0] < 500
     assert [int(p.name) for p in (workdir / "checkpoints").iterdir()] == [stops[0]]
