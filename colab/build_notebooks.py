@@ -31,7 +31,7 @@ INSTALL = f'''\
 # Installs diffusion_jax from its repository when it is not importable here (a fresh Colab runtime);
 # inside a clone with the package installed (as in the tests) this cell does nothing.
 # Replace "{GITHUB_REPO}" with the GitHub owner/name of the copy you opened this notebook from.
-import importlib.util
+import importlib.metadata
 import os
 
 REPO = "https://github.com/{GITHUB_REPO}"
@@ -39,7 +39,9 @@ if not os.path.exists("configs/digits.py"):  # the configs live in the repositor
     if not os.path.isdir("diffusion_jax_repo"):
         !git clone -q --depth 1 {{REPO}} diffusion_jax_repo
     %cd diffusion_jax_repo
-if importlib.util.find_spec("diffusion_jax") is None:
+try:
+    importlib.metadata.version("diffusion_jax")  # installed (with its dependencies)?
+except importlib.metadata.PackageNotFoundError:
     %pip install -q ".[notebooks]"
 '''
 
