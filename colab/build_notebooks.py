@@ -54,7 +54,7 @@ pictures are worth looking at. `DIFFUSION_JAX_WORKDIR` chooses where runs are wr
 # --------------------------------------------------------------------------------------------------
 # Shared by quickstart and sampling_tour: the same config, so that the sampling tour reuses the run
 # the quickstart trained (the trainer resumes a finished run in no time) and trains it otherwise.
-DIGITS_CONFIG = '''\
+DIGITS_CONFIG = """\
 from configs import digits
 
 config = digits.get_config()  # configs/digits.py: class-conditional U-Net, T = 1000, linear betas
@@ -68,9 +68,9 @@ if FAST:
 # Otherwise the default's 1500 steps of batch 64: ~5 minutes on 2 CPU cores, under one on a GPU.
 config.checkpoint.every_steps = config.train.num_steps
 config.sample.every_steps = 0  # sample grids only at the end of training
-print(f"{config.train.num_steps} steps of batch {config.train.batch_size}")'''
+print(f"{config.train.num_steps} steps of batch {config.train.batch_size}")"""
 
-TRAIN_DIGITS = '''\
+TRAIN_DIGITS = """\
 import warnings
 
 from diffusion_jax import trainer
@@ -84,14 +84,15 @@ start = time.time()
 state = trainer.train_and_evaluate(config, WORKDIR, hooks=[lambda step: bar.update(step - bar.n)])
 bar.update(int(state.step) - bar.n)  # a finished run found in WORKDIR resumes at its last step
 bar.close()
-print(f"step {int(state.step)} in {time.time() - start:.0f} s; checkpoints in {WORKDIR}")'''
+print(f"step {int(state.step)} in {time.time() - start:.0f} s; checkpoints in {WORKDIR}")"""
+
 
 def setup(extra_imports: str = "", time_module: bool = True) -> str:
     """The imports, the FAST switch and the workdir root, shared by every notebook."""
     return SETUP.format(time="import time\n" if time_module else "", extra=extra_imports)
 
 
-SETUP = '''\
+SETUP = """\
 import os
 {time}
 import jax
@@ -103,7 +104,7 @@ import diffusion_jax as dj
 {extra}
 FAST = os.environ.get("DIFFUSION_JAX_FAST") == "1"
 ROOT = os.environ.get("DIFFUSION_JAX_WORKDIR", "/tmp/diffusion_jax_notebooks")
-print(f"JAX {{jax.__version__}} on {{jax.devices()[0].platform}} ({{jax.device_count()}} device(s)); FAST={{FAST}}")'''
+print(f"JAX {{jax.__version__}} on {{jax.devices()[0].platform}} ({{jax.device_count()}} device(s)); FAST={{FAST}}")"""
 
 SHOW = '''\
 from diffusion_jax.images import image_grid

@@ -81,13 +81,9 @@ def test_notebook_runs(path, notebook_env, monkeypatch):
     client.execute()  # raises CellExecutionError naming the cell and its traceback
     seconds = time.time() - start
     print(f"{path.name}: {seconds:.1f} s", file=sys.stderr)
-    errors = [
-        o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"
-    ]
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
-    images = sum(
-        "image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])
-    )
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     assert images > 0, f"{path.name} drew no figure"
     export = os.environ.get("DIFFUSION_JAX_NOTEBOOK_EXPORT")
     if export:
