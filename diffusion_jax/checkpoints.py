@@ -9,6 +9,7 @@ leaves the previous checkpoint as the newest good one.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -255,10 +256,12 @@ def load_sampler(
     workdir: epath.PathLike, step: int | None = None, **sample_overrides: Any
 ) -> LoadedSampler:
     """The EMA parameters of a run with its sampler; ``sample_overrides`` replace ``config.sample``
-    entries, e.g. ``sampler="ddim", num_steps=50``."""
+    entries, e.g. ``sampler="ddim", num_steps=50`` (the returned ``config`` carries them)."""
     params, config, data_shape = _load(workdir, step)
-    sample = config_utils.build_sampler(config, **sample_overrides)
-    return LoadedSampler(sample, params, config, data_shape)
+    config = dataclasses.replace(
+        config, sample=dataclasses.replace(config.sample, **sample_overrides)
+    )
+    return LoadedSampler(config_utils.build_sampler(config), params, config, data_shape)
 
 
 def _load(workdir: epath.PathLike, step: int | None):

@@ -137,6 +137,7 @@ def test_load_ema_params_and_sampler(tiny_run):
     assert not np.array_equal(older["conv_in"]["kernel"], params["conv_in"]["kernel"])
     loaded = checkpoints.load_sampler(workdir, sampler="ddim", num_steps=3)
     assert loaded.data_shape == (8, 8, 1)
+    assert (loaded.config.sample.sampler, loaded.config.sample.num_steps) == ("ddim", 3)
     x = loaded.sample(loaded.params, jax.random.key(0), (2, *loaded.data_shape))
     chex.assert_shape(x, (2, 8, 8, 1))
     assert bool(jnp.all(jnp.abs(x) <= 1.0))
