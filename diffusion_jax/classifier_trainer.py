@@ -295,7 +295,7 @@ def train_classifier(config: Any, workdir: str | epath.PathLike) -> dict[str, An
                     )
                 logging.info(
                     "step %d: loss %.4f, noisy-batch accuracy %.3f (%.1f steps/s)", step,
-                    summary["loss"], summary["accuracy"], step / max(time.time() - t0, 1e-9),
+                    summary["loss"], summary["accuracy"], (step - start) / max(time.time() - t0, 1e-9),
                 )  # fmt: skip
             if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.num_steps:
                 checkpoints.save(manager, step, state, train_iter, cfg, data_shape)
