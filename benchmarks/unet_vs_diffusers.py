@@ -17,11 +17,12 @@ one head, downsample_padding 0, flip_sin_to_cos False, freq_shift 1, GroupNorm(3
 parameter counts are asserted equal. Float32 throughout on the CPU.
 
 How it measures. Each framework runs in its own worker process (separate allocators and thread
-pools: sharing one process slowed the JAX step by ~20%), both started with the same environment
-(``GLIBC_TUNABLES`` malloc settings unless ``--no_malloc_tunables``). The parent sends each case to
+pools: issue 7 measured the JAX batch-32 step ~20% slower sharing a process with torch), both
+started with the same environment (``GLIBC_TUNABLES`` malloc settings unless
+``--no_malloc_tunables``). The parent sends each case to
 both workers in turn, alternating who goes first, for ``--rounds`` rounds after a warm-up; a round's
 time is the median of ``--reps`` calls. It prints per-round ours/theirs ratios and the 1-minute load
-average at each round (our two workers count for at most ~1 of it, since they never run together),
+average at each round (the worker being timed counts for 1-2 of it; the two never run together),
 and the median, min and max over rounds.
 
 Cases: forward (eval mode, no grad) at batch 1/8/32; training step (draw t and eps, eps-MSE,
