@@ -19,5 +19,12 @@ def test_import_is_light():
 def test_public_api_is_exported():
     for name in dj.__all__:
         assert hasattr(dj, name), name
-    for name in ("make_schedule", "make_sampler", "diffusion_loss", "q_sample", "UNet", "MLPDenoiser"):
+    for name in (
+        "make_schedule",
+        "make_sampler",
+        "diffusion_loss",
+        "q_sample",
+        "UNet",
+        "MLPDenoiser",
+    ):
         assert name in dj.__all__, name
