@@ -94,9 +94,7 @@ def main(argv):
     )
     seconds = time.time() - start
     s = guided.config.sample
-    sampler = FLAGS.sampler or s.sampler
-    steps = FLAGS.num_steps if FLAGS.num_steps is not None else s.num_steps
-    steps = steps or guided.config.diffusion.num_timesteps
+    sampler, steps = s.sampler, s.num_steps or guided.config.diffusion.num_timesteps
     name = f"{sampler}{steps}_w{FLAGS.guidance_scale:g}"
     if FLAGS.classifier_workdir:
         name += f"_c{FLAGS.classifier_scale:g}"
@@ -114,7 +112,7 @@ def main(argv):
             "workdir": str(FLAGS.workdir),
             "sampler": sampler,
             "num_steps": steps,
-            "eta": FLAGS.eta if FLAGS.eta is not None else s.eta,
+            "eta": s.eta,
             "guidance_scale": FLAGS.guidance_scale,
             "classifier_workdir": FLAGS.classifier_workdir,
             "classifier_scale": FLAGS.classifier_scale,

@@ -264,20 +264,22 @@ def load_sampler(
     return LoadedSampler(config_utils.build_sampler(config), params, config, data_shape)
 
 
-def _load(workdir: epath.PathLike, step: int | None):
+def read_run(workdir: epath.PathLike, step: int | None = None) -> tuple[epath.Path, dict[str, Any]]:
+    """(directory of checkpoint ``step`` (default: the newest), the run record saved with it:
+    {"config": the config's dict, "data_shape": the shape of one example})."""
     directory = epath.Path(workdir) / CHECKPOINT_DIR
-    step = _latest_good_step(directory, step)
-    step_dir = directory / str(step)
-    run = json.loads((step_dir / "config" / "metadata").read_text())
-    config = config_utils.parse_config(run["config"])
-    data_shape = tuple(run["data_shape"])
-    model = config_utils.build_model(config)
+    step_dir = directory / str(_latest_good_step(directory, step))
+    return step_dir, json.loads((step_dir / "config" / "metadata").read_text())
+
+
+def restore_ema_params(step_dir: epath.Path, init_fn: Callable[[], Any]) -> Any:
+    """Only the EMA parameters of the checkpoint in ``step_dir``, onto the first local device.
+
+    ``init_fn()`` builds parameters of the right structure (run under ``jax.eval_shape``, so free).
+    """
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.eval_shape(
-        lambda: config_utils.init_params(model, config, data_shape, jax.random.key(0))
-    )
     abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), jax.eval_shape(init_fn)
     )
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=device), abstract)
     with ocp.PyTreeCheckpointer() as ckptr:
@@ -289,4 +291,15 @@ def _load(workdir: epath.PathLike, step: int | None):
                 partial_restore=True,
             ),
         )
-    return restored["ema_params"], config, data_shape
+    return restored["ema_params"]
+
+
+def _load(workdir: epath.PathLike, step: int | None):
+    step_dir, run = read_run(workdir, step)
+    config = config_utils.parse_config(run["config"])
+    data_shape = tuple(run["data_shape"])
+    model = config_utils.build_model(config)
+    params = restore_ema_params(
+        step_dir, lambda: config_utils.init_params(model, config, data_shape, jax.random.key(0))
+    )
+    return params, config, data_shape

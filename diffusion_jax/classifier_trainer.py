@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
@@ -40,7 +39,13 @@ from diffusion_jax.config_utils import (
     TrainConfig,
 )
 from diffusion_jax.models import NoisyClassifier
-from diffusion_jax.train_state import TrainState, ema_decay, make_optimizer, update_ema
+from diffusion_jax.train_state import (
+    TrainState,
+    ema_decay,
+    global_norm,
+    make_optimizer,
+    update_ema,
+)
 
 # Fractions of T at which the held-out accuracy is reported (t = round(f * (T - 1))).
 EVAL_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -74,11 +79,7 @@ class ClassifierConfig:
         return json.loads(json.dumps(out))
 
     def build_model(self) -> NoisyClassifier:
-        kwargs = dict(self.classifier)
-        for key in ("dtype", "param_dtype"):
-            if key in kwargs:
-                kwargs[key] = config_utils.DTYPES[kwargs[key]]
-        return NoisyClassifier(**kwargs)
+        return NoisyClassifier(**config_utils.module_kwargs(self.classifier))
 
 
 # The sections shared with a diffusion run's config, checked by the same dataclasses.
@@ -90,31 +91,13 @@ _SECTIONS = {
 def parse_classifier_config(cfg: Any) -> ClassifierConfig:
     """Checks a classifier config (ConfigDict or nested mapping); unknown keys and bad values raise
     :class:`ConfigError` naming them."""
-    from diffusion_jax import data as data_lib
-
     values = config_utils._as_dict(cfg)
-    top = ("seed", "data", "classifier", *_SECTIONS)
-    for key in values:
-        if key not in top:
-            raise ConfigError(config_utils._unknown_key_message(key, key, top))
-    seed = config_utils._check_type("seed", values.get("seed", 0), int)
-    try:
-        data_cfg = data_lib.to_data_config(values.get("data", {}))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    seed, data_cfg = config_utils.parse_seed_and_data(values, ("classifier", *_SECTIONS))
     if not data_cfg.use_labels:
         raise ConfigError("a classifier needs labels: set data.use_labels=True.")
-    classifier = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in values.get("classifier", {}).items()
-    }
-    known = config_utils._module_fields(NoisyClassifier)
-    for key, value in classifier.items():
-        if key not in known:
-            raise ConfigError(
-                config_utils._unknown_key_message(f"classifier.{key}", key, known, "classifier")
-            )
-        if key in ("dtype", "param_dtype"):
-            config_utils._choice(f"classifier.{key}", value, tuple(config_utils.DTYPES))
+    classifier = config_utils.check_module_kwargs(
+        NoisyClassifier, values.get("classifier", {}), "classifier", "classifier"
+    )
     sections = {k: config_utils._section(c, values.get(k, {}), k) for k, c in _SECTIONS.items()}
     return ClassifierConfig(seed=seed, data=data_cfg, classifier=classifier, **sections)
 
@@ -162,14 +145,10 @@ def make_classifier_step(
         num = state.step + 1
         ema = update_ema(state.ema_params, params, ema_decay(config.ema, num))
         new_state = state.replace(step=num, params=params, ema_params=ema, opt_state=opt_state)
-        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": _global_norm(grads)}
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": global_norm(grads)}
         return new_state, metrics
 
     return step
-
-
-def _global_norm(tree: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def heldout_accuracy(
@@ -234,14 +213,13 @@ def train_classifier(config: Any, workdir: str | epath.PathLike) -> dict[str, An
         (workdir / checkpoints.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
 
     model = cfg.build_model()
-    schedule = jax.device_put(jax.tree.map(np.asarray, _schedule(cfg)), sharding.replicated(mesh))
+    schedule_local = config_utils.build_schedule(cfg)
+    schedule = jax.device_put(jax.tree.map(np.asarray, schedule_local), sharding.replicated(mesh))
     tx, _ = make_optimizer(cfg.optim, cfg.train.num_steps)
     keys = jax.random.split(jax.random.key(cfg.seed), 3)
 
     def init():
-        x = jnp.zeros((1, *data_shape), jnp.float32)
-        params = model.init({"params": keys[0]}, x, jnp.zeros((1,), jnp.int32))["params"]
-        return TrainState.create(params, tx, keys[1])
+        return TrainState.create(_init_params(model, data_shape, keys[0]), tx, keys[1])
 
     abstract = jax.eval_shape(init)
     shardings = sharding.state_shardings(abstract, mesh)
@@ -302,7 +280,7 @@ def train_classifier(config: Any, workdir: str | epath.PathLike) -> dict[str, An
 
     eval_iter = data.make_eval_iterator(cfg.data, batch_size=256)
     accuracy = heldout_accuracy(
-        _apply_fn(model), sharding.to_host(state.ema_params), _schedule(cfg), eval_iter
+        _apply_fn(model), sharding.to_host(state.ema_params), schedule_local, eval_iter
     )
     result = {"step": int(state.step), "accuracy": accuracy}
     logging.info(
@@ -314,12 +292,9 @@ def train_classifier(config: Any, workdir: str | epath.PathLike) -> dict[str, An
     return result
 
 
-def _schedule(cfg: ClassifierConfig) -> dj.Schedule:
-    d = cfg.diffusion
-    kwargs = {
-        k: v for k, v in (("beta_start", d.beta_start), ("beta_end", d.beta_end)) if v is not None
-    }
-    return dj.make_schedule(d.schedule, d.num_timesteps, **kwargs)
+def _init_params(model: NoisyClassifier, data_shape: tuple[int, ...], rng: jax.Array) -> Any:
+    x = jnp.zeros((1, *data_shape), jnp.float32)
+    return model.init({"params": rng}, x, jnp.zeros((1,), jnp.int32))["params"]
 
 
 def _apply_fn(model: NoisyClassifier) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
@@ -348,34 +323,13 @@ def load_classifier(
 ) -> tuple[Callable[[Any, jax.Array, jax.Array], jax.Array], Any, ClassifierConfig]:
     """(classifier_fn(params, x_t, t) -> logits [B, K], EMA params, config) of a classifier workdir,
     for :func:`dj.classifier_guidance`; the newest checkpoint unless ``step`` is given."""
-    directory = epath.Path(workdir) / checkpoints.CHECKPOINT_DIR
-    step = checkpoints._latest_good_step(directory, step)
-    run = json.loads((directory / str(step) / "config" / "metadata").read_text())
+    step_dir, run = checkpoints.read_run(workdir, step)
     if "classifier" not in run["config"]:
         raise ValueError(f"{workdir} is not a classifier workdir (no 'classifier' config section).")
     cfg = parse_classifier_config(run["config"])
     model = cfg.build_model()
     data_shape = tuple(run["data_shape"])
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.eval_shape(
-        lambda: model.init(
-            {"params": jax.random.key(0)}, jnp.zeros((1, *data_shape)), jnp.zeros((1,), jnp.int32)
-        )["params"]
+    params = checkpoints.restore_ema_params(
+        step_dir, lambda: _init_params(model, data_shape, jax.random.key(0))
     )
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
-    )
-    with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore(
-            directory / str(step) / "state",
-            args=ocp.args.PyTreeRestore(
-                item={"ema_params": abstract},
-                restore_args={
-                    "ema_params": jax.tree.map(
-                        lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract
-                    )
-                },
-                partial_restore=True,
-            ),
-        )
-    return _apply_fn(model), restored["ema_params"], cfg
+    return _apply_fn(model), params, cfg

@@ -58,6 +58,26 @@ def _at_least(path: str, value: Any, low: float, *, allow_none: bool = False) ->
         raise ConfigError(f"{path}={value!r} must be >= {low}.")
 
 
+def check_module_kwargs(
+    module_cls: type[nn.Module], kwargs: Mapping[str, Any], section: str, where: str
+) -> dict[str, Any]:
+    """``kwargs`` of a Flax module from a config ``section``, lists (from JSON) as tuples so equal
+    configs compare equal; an unknown key or dtype name raises :class:`ConfigError` naming it."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    known = _module_fields(module_cls)
+    for key, value in kwargs.items():
+        if key not in known:
+            raise ConfigError(_unknown_key_message(f"{section}.{key}", key, known, where))
+        if key in ("dtype", "param_dtype"):
+            _choice(f"{section}.{key}", value, tuple(DTYPES))
+    return kwargs
+
+
+def module_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Checked config kwargs -> constructor arguments (dtype strings as JAX dtypes)."""
+    return {k: DTYPES[v] if k in ("dtype", "param_dtype") else v for k, v in kwargs.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """``name`` ("unet" | "mlp") and the keyword arguments of that Flax module (dtype as a string)."""
@@ -67,23 +87,12 @@ class ModelConfig:
 
     def __post_init__(self):
         _choice("model.name", self.name, tuple(MODELS))
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in self.kwargs.items()}
-        object.__setattr__(
-            self, "kwargs", kwargs
-        )  # lists (from JSON) as tuples: equal configs compare equal
-        known = _module_fields(MODELS[self.name])
-        for key, value in self.kwargs.items():
-            if key not in known:
-                raise ConfigError(_unknown_key_message(f"model.{key}", key, known, self.name))
-            if key in ("dtype", "param_dtype"):
-                _choice(f"model.{key}", value, tuple(DTYPES))
+        kwargs = check_module_kwargs(MODELS[self.name], self.kwargs, "model", self.name)
+        object.__setattr__(self, "kwargs", kwargs)
 
     def module_kwargs(self) -> dict[str, Any]:
         """The constructor arguments: sequences as tuples, dtype strings as JAX dtypes."""
-        out = {}
-        for key, value in self.kwargs.items():
-            out[key] = DTYPES[value] if key in ("dtype", "param_dtype") else value
-        return out
+        return module_kwargs(self.kwargs)
 
     @property
     def num_classes(self) -> int | None:
@@ -352,24 +361,29 @@ def _section(cls: type, values: Mapping[str, Any], path: str):
     return cls(**kwargs)
 
 
+def parse_seed_and_data(values: Mapping[str, Any], sections: tuple[str, ...]) -> tuple[int, Any]:
+    """(seed, checked DataConfig) of a config dict whose other top-level keys must be ``sections``."""
+    from diffusion_jax import data as data_lib
+
+    top = ("seed", "data", *sections)
+    for key in values:
+        if key not in top:
+            raise ConfigError(_unknown_key_message(key, key, top))
+    seed = _check_type("seed", values.get("seed", 0), int)
+    try:
+        return seed, data_lib.to_data_config(values.get("data", {}))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
 def parse_config(cfg: Any) -> Config:
     """Checks a training config (ConfigDict or nested mapping) and returns the typed :class:`Config`.
 
     Missing keys take the dataclass defaults; an unknown key anywhere raises :class:`ConfigError`
     naming it. The ``data`` section is checked by ``diffusion_jax.data.to_data_config``.
     """
-    from diffusion_jax import data as data_lib
-
     values = _as_dict(cfg)
-    top = ("seed", "data", "model") + tuple(_SECTIONS)
-    for key in values:
-        if key not in top:
-            raise ConfigError(_unknown_key_message(key, key, top))
-    seed = _check_type("seed", values.get("seed", 0), int)
-    try:
-        data_cfg = data_lib.to_data_config(values.get("data", {}))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    seed, data_cfg = parse_seed_and_data(values, ("model", *_SECTIONS))
     model_values = dict(values.get("model", {}))
     name = model_values.pop("name", "unet")
     model = ModelConfig(name=name, kwargs=model_values)
@@ -423,8 +437,9 @@ def build_model(config: Config) -> nn.Module:
     return MODELS[config.model.name](**config.model.module_kwargs())
 
 
-def build_schedule(config: Config) -> dj.Schedule:
-    """The diffusion :class:`Schedule` of ``config.diffusion``."""
+def build_schedule(config: Any) -> dj.Schedule:
+    """The diffusion :class:`Schedule` of ``config.diffusion`` (a :class:`Config`, or a classifier
+    config: any config with a :class:`DiffusionConfig` section)."""
     d = config.diffusion
     kwargs = {
         k: v for k, v in (("beta_start", d.beta_start), ("beta_end", d.beta_end)) if v is not None
@@ -451,16 +466,26 @@ def denoise_fn_for(model: nn.Module) -> Callable[..., jax.Array]:
     return denoise_fn
 
 
-def build_sampler(config: Config, model: nn.Module | None = None, **overrides: Any):
+def build_sampler(
+    config: Config,
+    model: nn.Module | None = None,
+    *,
+    denoise_fn: Callable[..., jax.Array] | None = None,
+    cond_fn: Callable[..., jax.Array] | None = None,
+    **overrides: Any,
+):
     """``sample(params, rng, shape, **model_kwargs)`` for ``config``'s model, schedule and sampler.
 
     ``overrides`` replace entries of ``config.sample`` (sampler, num_steps, eta, clip_denoised).
-    A learned-variance model samples with the learned range (improved-DDPM).
+    A learned-variance model samples with the learned range (improved-DDPM). ``denoise_fn``
+    (default: the model's) may wrap the model, e.g. for classifier-free guidance; ``cond_fn`` adds
+    classifier guidance (see :func:`dj.make_sampler`).
     """
     s = dataclasses.replace(config.sample, **overrides)
-    model = build_model(config) if model is None else model
+    if denoise_fn is None:
+        denoise_fn = denoise_fn_for(build_model(config) if model is None else model)
     return dj.make_sampler(
-        denoise_fn_for(model),
+        denoise_fn,
         build_schedule(config),
         sampler=s.sampler,
         num_steps=s.num_steps,
@@ -468,4 +493,5 @@ def build_sampler(config: Config, model: nn.Module | None = None, **overrides: A
         variance="learned_range" if config.model.learn_sigma else "fixed_small",
         clip_denoised=s.clip_denoised,
         eta=s.eta,
+        cond_fn=cond_fn,
     )

@@ -10,6 +10,7 @@ is the command-line front end.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Callable
@@ -26,7 +27,8 @@ from diffusion_jax import checkpoints, config_utils, images
 class GuidedSampler(NamedTuple):
     """``sample(params, rng, (n, *data_shape), y=labels [n], guidance_scale=w)`` and what it needs.
 
-    ``params`` holds the diffusion model's EMA parameters, or {"model": ..., "classifier": ...} with
+    ``config`` is the run's, with the sampler chosen here in ``config.sample``. ``params`` holds the
+    diffusion model's EMA parameters, or {"model": ..., "classifier": ...} with
     classifier guidance. ``num_classes`` is None for an unconditional model without a classifier;
     ``null_label`` (= num_classes) is the "no class" label of a model trained with label dropout.
     """
@@ -56,7 +58,8 @@ def make_guided_sampler(
     """A trained run's sampler with classifier-free guidance (when ``guidance_scale != 1``) and/or
     classifier guidance (a classifier workdir and ``classifier_scale``); None keeps the run's
     ``config.sample`` choice (``num_steps=0`` means all T steps)."""
-    params, config, data_shape = checkpoints.load_sampler(workdir, step)[1:]
+    run = checkpoints.load_sampler(workdir, step)
+    params, config, data_shape = run.params, run.config, run.data_shape
     model_classes = config.model.num_classes
     can_drop_labels = model_classes is not None and config.diffusion.label_dropout > 0
     if guidance_scale != 1.0 and not can_drop_labels:
@@ -101,18 +104,12 @@ def make_guided_sampler(
             "--classifier_scale needs --classifier_workdir (a train_classifier.py run)."
         )
 
-    s = config.sample
-    sample = dj.make_sampler(
-        denoise,
-        config_utils.build_schedule(config),
-        sampler=sampler or s.sampler,
-        num_steps=(num_steps or None) if num_steps is not None else s.num_steps,
-        prediction=config.diffusion.prediction,
-        variance="learned_range" if config.model.learn_sigma else "fixed_small",
-        clip_denoised=s.clip_denoised,
-        eta=s.eta if eta is None else eta,
-        cond_fn=cond_fn,
-    )
+    overrides = {"sampler": sampler, "eta": eta}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if num_steps is not None:
+        overrides["num_steps"] = num_steps or None  # 0: all T steps
+    config = dataclasses.replace(config, sample=dataclasses.replace(config.sample, **overrides))
+    sample = config_utils.build_sampler(config, denoise_fn=denoise, cond_fn=cond_fn)
     null_label = model_classes if can_drop_labels else None
     return GuidedSampler(sample, params, config, data_shape, num_classes, null_label)
 

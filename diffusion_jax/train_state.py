@@ -89,6 +89,12 @@ def make_optimizer(
     return opt, lr
 
 
+def global_norm(tree: Any) -> jax.Array:
+    """sqrt of the sum of squares of every leaf (``optax.tree.norm``; ``global_norm`` before 0.2.5)."""
+    tree_lib = getattr(optax, "tree", None)
+    return tree_lib.norm(tree) if hasattr(tree_lib, "norm") else optax.global_norm(tree)
+
+
 def ema_decay(cfg: EmaConfig, num_updates: jax.Array) -> jax.Array:
     """The EMA decay at update ``num_updates`` (1-based): ``decay``, or with warm-up
     min(decay, (1 + n) / (10 + n)) as in TensorFlow's ExponentialMovingAverage."""

@@ -38,6 +38,7 @@ from diffusion_jax.config_utils import Config, ProfileConfig
 from diffusion_jax.train_state import (
     TrainState,
     ema_decay,
+    global_norm,
     make_optimizer,
     select_tree,
     update_ema,
@@ -45,12 +46,6 @@ from diffusion_jax.train_state import (
 
 RNG_STREAMS = ("init", "train", "sample", "data")
 Metrics = dict[str, jax.Array]
-
-
-def _global_norm(tree: Any) -> jax.Array:
-    """sqrt of the sum of squares of every leaf (``optax.tree.norm``; ``global_norm`` before 0.2.5)."""
-    tree_lib = getattr(optax, "tree", None)
-    return tree_lib.norm(tree) if hasattr(tree_lib, "norm") else optax.global_norm(tree)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -115,7 +110,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], schedule: dj.Schedule):
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, state.step_rng(), schedule)
-        grad_norm = _global_norm(grads)
+        grad_norm = global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         step = state.step + 1
