@@ -38,9 +38,14 @@ FLOPs of our compiled programs (XLA cost analysis, used for both sides as the ar
 identical) divided by the time, as a fraction of the best dense float32 matmul (3072^2) either
 framework reached in the same run.
 
-``--device gpu`` (unverified: written without a GPU at hand): our training step of the cifar10
-config at batch 128 in bfloat16 compute (float32 params), images/s, and model FLOP utilisation
-against a bf16 8192^2 matmul measured in the same run; diffusers on CUDA if torch sees one.
+``--device gpu`` (unverified: no GPU has been lent to this project's sessions; smoke-tested on the
+CPU with ``--tiny``): forward and training step of the cifar10 config at ``--gpu_batch`` (default
+128) in bfloat16 compute (float32 params; diffusers under ``torch.autocast(bfloat16)``), each timed
+call running ``--inner`` (default 10) steps back to back with one sync at the end; images/s and
+model FLOP utilisation (FLOPs from XLA's cost analysis of the lowered program, as the optimised GPU
+HLO hides cuDNN convolutions) against a bf16 8192^2 matmul measured in the same run; device peak
+memory (XLA's ``peak_bytes_in_use``, torch's ``max_memory_allocated``). ``--torch_compile`` runs the
+peer through ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -124,6 +129,8 @@ class JaxWorker:
 
         self.jax, self.jnp = jax, jnp
         self.gpu = args.device == "gpu"
+        if self.gpu and jax.default_backend() != "gpu" and not args.tiny:
+            raise SystemExit(f"--device gpu: JAX sees no GPU (backend {jax.default_backend()!r})")
         self.size = 8 if args.tiny else 32
         dtype = jnp.bfloat16 if self.gpu else jnp.float32
         self.model = UNet(**model_settings(args.tiny), dtype=dtype)
@@ -167,10 +174,11 @@ class JaxWorker:
             opt_state = self.tx.init(params)
             x = jnp.zeros((batch, self.size, self.size, 3))
             t0 = time.perf_counter()
-            compiled = self.train_step.lower(params, opt_state, x, jax.random.key(1)).compile()
+            lowered = self.train_step.lower(params, opt_state, x, jax.random.key(1))
+            compiled = lowered.compile()
             self.compile_s = time.perf_counter() - t0
             self.compiled[key] = compiled
-            self.flops[key] = _xla_flops(compiled)
+            self.flops[key] = _xla_flops(lowered if self.gpu else compiled)
             mem = compiled.memory_analysis()
             self.xla_mem = self.xla_temp = None
             if mem is not None:
@@ -193,29 +201,35 @@ class JaxWorker:
         base = _peak_rss_reset()
         self.run_train(batch)
         info["rss_peak_growth_bytes"] = _proc_status("VmHWM") - base if base > 0 else None
+        if self.gpu:  # the allocator's high-water mark so far (the largest batch runs first)
+            stats = self.jax.devices()[0].memory_stats() or {}
+            info["device_peak_bytes"] = stats.get("peak_bytes_in_use")
         del compiled
         return info
 
-    def run_train(self, batch: int) -> None:
+    def run_train(self, batch: int, n: int = 1) -> None:
+        """``n`` training steps, dispatched back to back, one sync at the end."""
         jax = self.jax
         st = self.state[batch]
         params, opt_state, x, i = st
-        params, opt_state, loss = self.compiled[f"train_{batch}"](
-            params, opt_state, x, jax.random.key(i)
-        )
+        for j in range(n):
+            params, opt_state, loss = self.compiled[f"train_{batch}"](
+                params, opt_state, x, jax.random.key(i + j)
+            )
         jax.block_until_ready(loss)
-        st[:] = [params, opt_state, x, i + 1]
+        st[:] = [params, opt_state, x, i + n]
 
-    def run_forward(self, batch: int) -> None:
+    def run_forward(self, batch: int, n: int = 1) -> None:
         key = f"fwd_{batch}"
         jax, jnp = self.jax, self.jnp
         if key not in self.compiled:
             x = jax.random.normal(jax.random.key(3), (batch, self.size, self.size, 3))
             t = jnp.full((batch,), 500, jnp.int32)
-            self.compiled[key] = (self.forward.lower(self.params, x, t).compile(), x, t)
-            self.flops[key] = _xla_flops(self.compiled[key][0])
+            lowered = self.forward.lower(self.params, x, t)
+            self.compiled[key] = (lowered.compile(), x, t)
+            self.flops[key] = _xla_flops(lowered if self.gpu else self.compiled[key][0])
         compiled, x, t = self.compiled[key]
-        jax.block_until_ready(compiled(self.params, x, t))
+        jax.block_until_ready([compiled(self.params, x, t) for _ in range(n)])
 
     def _sampler(self, steps: int, batch: int):
         import diffusion_jax as dj
@@ -248,12 +262,14 @@ class JaxWorker:
         a = jax.random.normal(jax.random.key(6), (n, n), dtype)
         f = jax.jit(lambda a, b: a @ b)
         jax.block_until_ready(f(a, a))
-        best = min(_times(lambda: jax.block_until_ready(f(a, a)), 5))
-        return 2 * n**3 / best
+        inner = 10 if self.gpu else 1  # on a GPU one product (~1.5 ms) is near dispatch cost
+        best = min(_times(lambda: jax.block_until_ready([f(a, a) for _ in range(inner)]), 5))
+        return 2 * n**3 * inner / best
 
 
-def _xla_flops(compiled) -> float:
-    cost = compiled.cost_analysis()
+def _xla_flops(stage) -> float:
+    """FLOPs by XLA's cost analysis of a lowered or compiled program (NaN if not reported)."""
+    cost = stage.cost_analysis()
     if isinstance(cost, list):
         cost = cost[0]
     return float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -293,6 +309,8 @@ class TorchWorker:
             dropout=s["dropout"],
         ).to(self.dev)
         self.num_params = sum(p.numel() for p in self.model.parameters())
+        # --torch_compile: the peer at its best (torch.compile, default mode); eager otherwise.
+        self.net = torch.compile(self.model) if args.torch_compile else self.model
         self.opt = torch.optim.Adam(self.model.parameters(), lr=2e-4)
         betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
         abar = torch.cumprod(1 - betas, 0)
@@ -315,24 +333,26 @@ class TorchWorker:
         if self.dev == "cuda":
             self.torch.cuda.synchronize()
 
-    def run_train(self, batch: int) -> None:
+    def run_train(self, batch: int, n: int = 1) -> None:
+        """``n`` training steps, one sync at the end."""
         torch = self.torch
         F = torch.nn.functional
         if ("train", batch) not in self.x:
             self.x["train", batch] = torch.randn(batch, 3, self.size, self.size, device=self.dev)
         x0 = self.x["train", batch]
         self.model.train()
-        t = torch.randint(0, 1000, (batch,), device=self.dev)
-        noise = torch.randn_like(x0)
-        x_t = (
-            self.sqrt_abar[t].view(-1, 1, 1, 1) * x0
-            + self.sqrt_1m_abar[t].view(-1, 1, 1, 1) * noise
-        )
-        with self._amp():
-            loss = F.mse_loss(self.model(x_t, t).sample.float(), noise)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        for _ in range(n):
+            t = torch.randint(0, 1000, (batch,), device=self.dev)
+            noise = torch.randn_like(x0)
+            x_t = (
+                self.sqrt_abar[t].view(-1, 1, 1, 1) * x0
+                + self.sqrt_1m_abar[t].view(-1, 1, 1, 1) * noise
+            )
+            with self._amp():
+                loss = F.mse_loss(self.net(x_t, t).sample.float(), noise)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
         loss.item()
         self._sync()
 
@@ -341,17 +361,21 @@ class TorchWorker:
         base = _peak_rss_reset()
         self.run_train(batch)
         growth = _proc_status("VmHWM") - base if base > 0 else None
-        return {"rss_peak_growth_bytes": growth}
+        info: dict[str, Any] = {"rss_peak_growth_bytes": growth}
+        if self.dev == "cuda":
+            info["device_peak_bytes"] = self.torch.cuda.max_memory_allocated()
+        return info
 
-    def run_forward(self, batch: int) -> None:
+    def run_forward(self, batch: int, n: int = 1) -> None:
         torch = self.torch
         if ("fwd", batch) not in self.x:
             self.x["fwd", batch] = torch.randn(batch, 3, self.size, self.size, device=self.dev)
         self.model.eval()
+        t = torch.full((batch,), 500, device=self.dev)
         with torch.no_grad(), self._amp():
-            self.model(
-                self.x["fwd", batch], torch.full((batch,), 500, device=self.dev)
-            ).sample.sum().item()
+            for _ in range(n):
+                out = self.net(self.x["fwd", batch], t).sample
+        out.sum().item()
         self._sync()
 
     def run_chain(self, steps: int, batch: int) -> None:
@@ -364,7 +388,7 @@ class TorchWorker:
         with torch.no_grad():
             for t in sched.timesteps:
                 with self._amp():
-                    eps = self.model(x, t).sample.float()
+                    eps = self.net(x, t).sample.float()
                 x = sched.step(eps, t, x, generator=gen).prev_sample
         x.sum().item()
         self._sync()
@@ -375,12 +399,16 @@ class TorchWorker:
         dtype = torch.bfloat16 if self.dev == "cuda" else torch.float32
         a = torch.randn(n, n, dtype=dtype, device=self.dev)
 
+        inner = 10 if self.dev == "cuda" else 1
+
         def mm():
-            (a @ a).sum().item() if self.dev == "cuda" else a @ a
+            for _ in range(inner):
+                b = a @ a
             self._sync()
+            return b
 
         mm()
-        return 2 * n**3 / min(_times(mm, 5))
+        return 2 * n**3 * inner / min(_times(mm, 5))
 
 
 def worker_main(args: argparse.Namespace) -> None:
@@ -415,6 +443,8 @@ class Worker:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--device", args.device]
         if args.tiny:
             cmd.append("--tiny")
+        if args.torch_compile:
+            cmd.append("--torch_compile")
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
         )
@@ -484,7 +514,8 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
     workers = {"ours": ours, "theirs": theirs} if theirs else {"ours": ours}
 
     if args.device == "gpu":
-        fwd_batches, train_batches, chain_batch = [128], [128], 128
+        fwd_batches = train_batches = [int(b) for b in args.gpu_batch.split(",")]
+        chain_batch = fwd_batches[0]
     elif args.tiny:
         fwd_batches, train_batches, chain_batch = [1], [1], 1
     else:
@@ -498,10 +529,11 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
         setup["train"][b] = {name: w("setup_train", b) for name, w in workers.items()}
     for steps in () if args.tiny else (10, 1000):  # tiny: the chain case compiles the same path
         setup["sampler_compile_s"][steps] = ours("compile_sampler", steps)["compile_s"]
-    cases = [("forward", "run_forward", [b]) for b in fwd_batches]
-    cases += [("train", "run_train", [b]) for b in train_batches]
+    inner = args.inner or (10 if args.device == "gpu" else 1)  # calls per timing, one sync
+    cases = [("forward", "run_forward", [b, inner]) for b in fwd_batches]
+    cases += [("train", "run_train", [b, inner]) for b in train_batches]
     cases += [("chain", "run_chain", [s, chain_batch]) for s in chain_steps]
-    for _, op, a in cases:  # warm-up (and compile ours)
+    for _, op, a in cases:  # warm-up (and compile ours; torch.compile's autotuning)
         for w in workers.values():
             w(op, *a)
     report["setup"] = setup
@@ -514,10 +546,10 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
         report["rounds_load"].append(load)
         order = list(workers) if r % 2 == 0 else list(reversed(workers))
         for kind, op, a in cases:
-            name = f"{kind}_b{a[-1]}" if kind != "chain" else f"chain{a[0]}_b{a[1]}"
-            reps = 1 if kind == "chain" else args.reps
+            name = f"{kind}_b{a[0]}" if kind != "chain" else f"chain{a[0]}_b{a[1]}"
+            reps, per = (1, 1) if kind == "chain" else (args.reps, a[1])
             for who in order:
-                t = statistics.median(workers[who](op, *a, reps=reps))
+                t = statistics.median(workers[who](op, *a, reps=reps)) / per
                 results.setdefault(name, {}).setdefault(who, []).append(t)
             results[name].setdefault("load", []).append(_loadavg())
         peaks += [w("matmul") for w in workers.values()]
@@ -552,9 +584,11 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
                     ] / statistics.median(fwd[who])
         report["cases"][name] = case
     if args.device == "gpu":
-        c = report["cases"]["train_b128"]
-        c["ours"]["images_per_s"] = 128 / c["ours"]["median"]
-        c["ours"]["mfu"] = c["ours"]["frac_matmul_peak"]
+        for b in train_batches:
+            c = report["cases"][f"train_b{b}"]
+            for who in workers:
+                c[who]["images_per_s"] = b / c[who]["median"]
+                c[who]["mfu"] = c[who]["frac_matmul_peak"]
     for w in workers.values():
         w.close()
     return report
@@ -619,8 +653,15 @@ def print_report(rep: dict[str, Any]) -> None:
         + ", ".join(f"{k} steps {v:.1f} s" for k, v in s["sampler_compile_s"].items())
     )
     if rep["device"] == "gpu":
-        c = rep["cases"]["train_b128"]["ours"]
-        print(f"GPU bf16 train b128: {c['images_per_s']:.0f} images/s, MFU {100 * c['mfu']:.1f}%")
+        for name, c in rep["cases"].items():
+            if name.startswith("train"):
+                print(f"GPU bf16 {name}: " + "; ".join(
+                    f"{who} {c[who]['images_per_s']:.0f} images/s, MFU {100 * c[who]['mfu']:.1f}%"
+                    for who in ("ours", "theirs") if who in c))  # fmt: skip
+        for b, d in s["train"].items():
+            peaks = {w: d[w].get("device_peak_bytes") for w in d}
+            print(f"GPU memory high-water mark after train b{b}: "
+                  + ", ".join(f"{w} {_fmt_bytes(v)}" for w, v in peaks.items()))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -636,6 +677,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--no_torch", action="store_true", help="only our side")
     parser.add_argument("--no_malloc_tunables", action="store_true")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--gpu_batch", default="128", help="GPU batch sizes, comma-separated")
+    parser.add_argument(
+        "--inner", type=int, default=None, help="steps per timed call (default 1; GPU 10)"
+    )
+    parser.add_argument("--torch_compile", action="store_true", help="torch.compile the peer")
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
