@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from diffusion_jax.models.conv import Conv
 from diffusion_jax.models.layers import check_timesteps, default_init, timestep_embedding
 from diffusion_jax.models.unet import AttnBlock, Downsample, ResBlock, group_norm
 
@@ -59,7 +60,7 @@ class NoisyClassifier(nn.Module):
         emb = nn.Dense(4 * self.ch, kernel_init=default_init(), name="temb_dense1", **kw)(
             nn.swish(emb)
         )
-        h = nn.Conv(self.ch, (3, 3), kernel_init=default_init(), name="conv_in", **kw)(
+        h = Conv(self.ch, (3, 3), kernel_init=default_init(), name="conv_in", **kw)(
             x.astype(self.dtype)
         )
         for level, mult in enumerate(self.ch_mult):

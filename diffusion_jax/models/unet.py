@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from diffusion_jax.models.conv import Conv
 from diffusion_jax.models.layers import (
     check_timesteps,
     default_init,
@@ -53,7 +54,7 @@ class ResBlock(nn.Module):
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.swish(group_norm(x, "norm1", self.param_dtype))
-        h = nn.Conv(self.out_ch, (3, 3), kernel_init=default_init(), name="conv1", **kw)(h)
+        h = Conv(self.out_ch, (3, 3), kernel_init=default_init(), name="conv1", **kw)(h)
         emb_features = 2 * self.out_ch if self.scale_shift else self.out_ch
         emb_out = nn.Dense(emb_features, kernel_init=default_init(), name="temb_proj", **kw)(
             nn.swish(emb)
@@ -65,7 +66,7 @@ class ResBlock(nn.Module):
             h = group_norm(h + emb_out, "norm2", self.param_dtype)
         h = nn.swish(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = nn.Conv(self.out_ch, (3, 3), kernel_init=default_init(0.0), name="conv2", **kw)(h)
+        h = Conv(self.out_ch, (3, 3), kernel_init=default_init(0.0), name="conv2", **kw)(h)
         if x.shape[-1] != self.out_ch:
             x = nn.Dense(self.out_ch, kernel_init=default_init(), name="nin_shortcut", **kw)(x)
         return x + h
@@ -112,7 +113,7 @@ class Downsample(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if not self.with_conv:
             return nn.avg_pool(x, (2, 2), strides=(2, 2))
-        conv = nn.Conv(
+        conv = Conv(
             x.shape[-1],
             (3, 3),
             strides=(2, 2),
@@ -136,7 +137,7 @@ class Upsample(nn.Module):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         if not self.with_conv:
             return x
-        conv = nn.Conv(
+        conv = Conv(
             x.shape[-1],
             (3, 3),
             kernel_init=default_init(),
@@ -273,9 +274,7 @@ class UNet(nn.Module):
             emb = emb + nn.Embed(self.num_classes + 1, emb_ch, name="label_emb", **kw)(y)
 
         # Down path: store every output for the skip connections.
-        h = nn.Conv(ch, (3, 3), kernel_init=default_init(), name="conv_in", **kw)(
-            x.astype(self.dtype)
-        )
+        h = Conv(ch, (3, 3), kernel_init=default_init(), name="conv_in", **kw)(x.astype(self.dtype))
         skips = [h]
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
@@ -305,5 +304,5 @@ class UNet(nn.Module):
 
         out_ch = (self.out_channels or in_ch) * (2 if self.learn_sigma else 1)
         h = nn.swish(group_norm(h, "norm_out", self.param_dtype))
-        h = nn.Conv(out_ch, (3, 3), kernel_init=default_init(0.0), name="conv_out", **kw)(h)
+        h = Conv(out_ch, (3, 3), kernel_init=default_init(0.0), name="conv_out", **kw)(h)
         return h.astype(jnp.float32)

@@ -1,0 +1,139 @@
+"""A drop-in ``lax.conv_general_dilated`` whose kernel gradient is faster on the CPU.
+
+The function computed is XLA's convolution, unchanged; only the kernel-gradient program differs,
+and only when the program runs on a CPU. There XLA's weight-gradient convolution over a large
+window (the whole 32x32 feature map of a batch) ran at 60-75 GFLOP/s on the project's AVX-512
+box, against 95-135 GFLOP/s for the same gradient written as one matmul per kernel tap,
+``dw[i, j] = x_pad[:, i::s, j::s]^T @ g`` (``benchmarks/README.md``, issue 7). The tap form is used
+when the gradient has at least :data:`TAP_MIN_ROWS` output positions (batch * H * W); below that
+XLA's own was as fast or faster. Other backends (GPU, TPU) always take XLA's gradient, chosen at
+lowering by ``lax.platform_dependent``, so a program lowered for several platforms stays right on each.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+TAP_MIN_ROWS = 8192  # batch * H_out * W_out from which the per-tap matmuls beat XLA's (CPU)
+_NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lax specs of NHWC / HWIO / NHWC
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _xla_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pad: Padding) -> jax.Array:
+    return lax.conv_general_dilated(x, w, strides, pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _kernel_grad_taps(
+    x: jax.Array, g: jax.Array, w_shape: Sequence[int], strides: tuple[int, int], pad: Padding
+) -> jax.Array:
+    """d(conv)/d(w) as one matmul per kernel tap: x [B,H,W,Ci], g [B,Ho,Wo,Co] -> [kh,kw,Ci,Co]."""
+    kh, kw, ci, co = w_shape
+    _, ho, wo, _ = g.shape
+    sh, sw = strides
+    xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
+    gm = g.reshape(-1, co)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            window = lax.slice(
+                xp,
+                (0, i, j, 0),
+                (xp.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, ci),
+                (1, sh, sw, 1),
+            )
+            taps.append(jnp.dot(window.reshape(-1, ci).T, gm, preferred_element_type=jnp.float32))
+    return jnp.stack(taps).reshape(kh, kw, ci, co)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pad: Padding) -> jax.Array:
+    return _xla_conv(x, w, strides, pad)
+
+
+def _conv_fwd(x, w, strides, pad):
+    return _xla_conv(x, w, strides, pad), (x, w)
+
+
+def _conv_bwd(strides, pad, res, g):
+    x, w = res
+    dx = jax.vjp(lambda x: _xla_conv(x, w, strides, pad), x)[1](g)[0]
+
+    def xla_kernel_grad(x, g):
+        return jax.vjp(lambda w: _xla_conv(x, w, strides, pad), w)[1](g)[0]
+
+    if strides != (1, 1) or g.shape[0] * g.shape[1] * g.shape[2] < TAP_MIN_ROWS:
+        return dx, xla_kernel_grad(x, g)
+    dw = lax.platform_dependent(
+        x,
+        g,
+        cpu=lambda x, g: _kernel_grad_taps(x, g, w.shape, strides, pad).astype(w.dtype),
+        default=xla_kernel_grad,
+    )
+    return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` (same signature and values) with a faster CPU kernel gradient.
+
+    Takes the custom gradient for 2-D NHWC/HWIO convolutions without dilation or groups, explicit
+    padding or 'SAME'/'VALID'; anything else goes to ``lax.conv_general_dilated`` as is.
+    """
+    plain = functools.partial(
+        lax.conv_general_dilated,
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        dimension_numbers,
+        feature_group_count,
+        batch_group_count,
+        precision,
+        preferred_element_type,
+    )
+    if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != rhs.dtype:
+        return plain()
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    if (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) != _NHWC:
+        return plain()
+    no_dilation = all(tuple(d or (1, 1)) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+    if not no_dilation or feature_group_count != 1 or batch_group_count != 1:
+        return plain()
+    if precision is not None or preferred_element_type is not None:
+        return plain()
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    else:
+        pads = padding
+    pad = tuple((int(lo), int(hi)) for lo, hi in pads)
+    return _conv(lhs, rhs, strides, pad)
+
+
+def Conv(*args: Any, **kwargs: Any) -> nn.Conv:  # noqa: N802  (a module constructor)
+    """``flax.linen.Conv`` using :func:`conv_general_dilated`: the same parameters and outputs."""
+    return nn.Conv(*args, conv_general_dilated=conv_general_dilated, **kwargs)
