@@ -40,17 +40,16 @@ def _kernel_grad_taps(
     sh, sw = strides
     xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
     gm = g.reshape(-1, co)
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            window = lax.slice(
-                xp,
-                (0, i, j, 0),
-                (xp.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, ci),
-                (1, sh, sw, 1),
-            )
-            taps.append(jnp.dot(window.reshape(-1, ci).T, gm, preferred_element_type=jnp.float32))
-    return jnp.stack(taps).reshape(kh, kw, ci, co)
+    size = (xp.shape[0], sh * (ho - 1) + 1, sw * (wo - 1) + 1, ci)
+
+    def tap(k, dw):  # a loop, not nine independent slices: one shifted window lives at a time
+        i, j = k // kw, k % kw
+        window = lax.dynamic_slice(xp, (0, i, j, 0), size)[:, ::sh, ::sw, :]
+        d = jnp.dot(window.reshape(-1, ci).T, gm, preferred_element_type=jnp.float32)
+        return dw.at[k].set(d)
+
+    dw = lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, ci, co), jnp.float32))
+    return dw.reshape(kh, kw, ci, co)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
