@@ -64,6 +64,7 @@ PARAMS_CIFAR10 = 35_746_307
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # for diffusion_jax and configs from a checkout
+GPU_INNER = 10  # GPU steps per timed call by default: one step is near the dispatch cost
 MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
@@ -262,7 +263,7 @@ class JaxWorker:
         a = jax.random.normal(jax.random.key(6), (n, n), dtype)
         f = jax.jit(lambda a, b: a @ b)
         jax.block_until_ready(f(a, a))
-        inner = 10 if self.gpu else 1  # on a GPU one product (~1.5 ms) is near dispatch cost
+        inner = GPU_INNER if self.gpu else 1  # on a GPU one product (~1.5 ms) is near dispatch cost
         best = min(_times(lambda: jax.block_until_ready([f(a, a) for _ in range(inner)]), 5))
         return 2 * n**3 * inner / best
 
@@ -399,7 +400,7 @@ class TorchWorker:
         dtype = torch.bfloat16 if self.dev == "cuda" else torch.float32
         a = torch.randn(n, n, dtype=dtype, device=self.dev)
 
-        inner = 10 if self.dev == "cuda" else 1
+        inner = GPU_INNER if self.dev == "cuda" else 1
 
         def mm():
             for _ in range(inner):
@@ -529,7 +530,7 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
         setup["train"][b] = {name: w("setup_train", b) for name, w in workers.items()}
     for steps in () if args.tiny else (10, 1000):  # tiny: the chain case compiles the same path
         setup["sampler_compile_s"][steps] = ours("compile_sampler", steps)["compile_s"]
-    inner = args.inner or (10 if args.device == "gpu" else 1)  # calls per timing, one sync
+    inner = args.inner or (GPU_INNER if args.device == "gpu" else 1)  # calls per timing, one sync
     cases = [("forward", "run_forward", [b, inner]) for b in fwd_batches]
     cases += [("train", "run_train", [b, inner]) for b in train_batches]
     cases += [("chain", "run_chain", [s, chain_batch]) for s in chain_steps]

@@ -4,9 +4,9 @@ The function computed is XLA's convolution, unchanged; only the kernel-gradient 
 and only when the program runs on a CPU. There XLA's weight-gradient convolution over a large
 window (the whole 32x32 feature map of a batch) ran at 60-75 GFLOP/s on the project's AVX-512
 box, against 95-135 GFLOP/s for the same gradient written as one matmul per kernel tap,
-``dw[i, j] = x_pad[:, i::s, j::s]^T @ g`` (``benchmarks/README.md``, issue 7). The tap form is used
-when the gradient has at least :data:`TAP_MIN_ROWS` output positions (batch * H * W); below that
-XLA's own was as fast or faster. Other backends (GPU, TPU) always take XLA's gradient, chosen at
+``dw[i, j] = x_pad[:, i:i+H, j:j+W]^T @ g`` (``benchmarks/README.md``, issue 7). The tap form is used
+for stride-1 convolutions whose gradient has at least :data:`TAP_MIN_ROWS` output positions
+(batch * H * W); below that XLA's own was as fast or faster. Other backends (GPU, TPU) always take XLA's gradient, chosen at
 lowering by ``lax.platform_dependent``, so a program lowered for several platforms stays right on each.
 """
 
@@ -32,19 +32,18 @@ def _xla_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pad: Padding
 
 
 def _kernel_grad_taps(
-    x: jax.Array, g: jax.Array, w_shape: Sequence[int], strides: tuple[int, int], pad: Padding
+    x: jax.Array, g: jax.Array, w_shape: Sequence[int], pad: Padding
 ) -> jax.Array:
-    """d(conv)/d(w) as one matmul per kernel tap: x [B,H,W,Ci], g [B,Ho,Wo,Co] -> [kh,kw,Ci,Co]."""
+    """Stride-1 d(conv)/d(w), one matmul per kernel tap: x [B,H,W,Ci], g [B,Ho,Wo,Co] -> [kh,kw,Ci,Co]."""
     kh, kw, ci, co = w_shape
     _, ho, wo, _ = g.shape
-    sh, sw = strides
     xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
     gm = g.reshape(-1, co)
-    size = (xp.shape[0], sh * (ho - 1) + 1, sw * (wo - 1) + 1, ci)
+    size = (xp.shape[0], ho, wo, ci)
 
     def tap(k, dw):  # a loop, not nine independent slices: one shifted window lives at a time
         i, j = k // kw, k % kw
-        window = lax.dynamic_slice(xp, (0, i, j, 0), size)[:, ::sh, ::sw, :]
+        window = lax.dynamic_slice(xp, (0, i, j, 0), size)
         d = jnp.dot(window.reshape(-1, ci).T, gm, preferred_element_type=jnp.float32)
         return dw.at[k].set(d)
 
@@ -73,7 +72,7 @@ def _conv_bwd(strides, pad, res, g):
     dw = lax.platform_dependent(
         x,
         g,
-        cpu=lambda x, g: _kernel_grad_taps(x, g, w.shape, strides, pad).astype(w.dtype),
+        cpu=lambda x, g: _kernel_grad_taps(x, g, w.shape, pad).astype(w.dtype),
         default=xla_kernel_grad,
     )
     return dx, dw
