@@ -4,10 +4,11 @@ The function computed is XLA's convolution, unchanged; only the kernel-gradient 
 and only when the program runs on a CPU. There XLA's weight-gradient convolution over a large
 window (the whole 32x32 feature map of a batch) ran at 60-75 GFLOP/s on the project's AVX-512
 box, against 95-135 GFLOP/s for the same gradient written as one matmul per kernel tap,
-``dw[i, j] = x_pad[:, i:i+H, j:j+W]^T @ g`` (``benchmarks/README.md``, issue 7). The tap form is used
-for stride-1 convolutions whose gradient has at least :data:`TAP_MIN_ROWS` output positions
-(batch * H * W); below that XLA's own was as fast or faster. Other backends (GPU, TPU) always take XLA's gradient, chosen at
-lowering by ``lax.platform_dependent``, so a program lowered for several platforms stays right on each.
+``dw[i, j] = x_pad[:, i:i+H, j:j+W]^T @ g`` (``benchmarks/README.md``, issue 7). The tap form is
+used for stride-1 convolutions whose gradient has at least :data:`TAP_MIN_ROWS` output positions
+(batch * H * W); below that XLA's own was as fast or faster. Other backends (GPU, TPU) always
+take XLA's gradient, chosen at lowering by ``lax.platform_dependent``, so a program lowered for
+several platforms stays right on each.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _xla_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pad: Padding
 def _kernel_grad_taps(
     x: jax.Array, g: jax.Array, w_shape: Sequence[int], pad: Padding
 ) -> jax.Array:
-    """Stride-1 d(conv)/d(w), one matmul per kernel tap: x [B,H,W,Ci], g [B,Ho,Wo,Co] -> [kh,kw,Ci,Co]."""
+    """Stride-1 d(conv)/d(w), a matmul per tap: x [B,H,W,Ci], g [B,Ho,Wo,Co] -> [kh,kw,Ci,Co]."""
     kh, kw, ci, co = w_shape
     _, ho, wo, _ = g.shape
     xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
