@@ -2,9 +2,9 @@
 
 The function computed is XLA's convolution, unchanged; only the kernel-gradient program differs,
 and only when the program runs on a CPU. There XLA's weight-gradient convolution over a large
-window (the whole 32x32 feature map of a batch) ran at 60-75 GFLOP/s on the project's AVX-512
-box, against 95-135 GFLOP/s for the same gradient written as one matmul per kernel tap,
-``dw[i, j] = x_pad[:, i:i+H, j:j+W]^T @ g`` (``benchmarks/README.md``, issue 7). The tap form is
+window (the whole 32x32 feature map of a batch) ran at 84-116 GFLOP/s on the project's AVX-512
+box, against 164-224 GFLOP/s for the same gradient written as one matmul per kernel tap,
+``dw[i, j] = (g^T @ x_pad[:, i:i+H, j:j+W])^T`` (``benchmarks/README.md``, issue 7). The tap form is
 used for stride-1 convolutions whose gradient has at least :data:`TAP_MIN_ROWS` output positions
 (batch * H * W); below that XLA's own was as fast or faster. Other backends (GPU, TPU) always
 take XLA's gradient, chosen at lowering by ``lax.platform_dependent``, so a program lowered for
@@ -39,17 +39,21 @@ def _kernel_grad_taps(
     kh, kw, ci, co = w_shape
     _, ho, wo, _ = g.shape
     xp = jnp.pad(x, ((0, 0), pad[0], pad[1], (0, 0)))
-    gm = g.reshape(-1, co)
     size = (xp.shape[0], ho, wo, ci)
+
+    # g^T once, materialised (the barrier stops XLA folding the transpose back into the dot), so
+    # each tap is a row-major [Co, N] @ [N, Ci] product, which XLA hands to YNNPACK; the
+    # transposed form window^T @ g went to Eigen's slower contraction with operand packing.
+    gt = lax.optimization_barrier(g.reshape(-1, co).T)
 
     def tap(k, dw):  # a loop, not nine independent slices: one shifted window lives at a time
         i, j = k // kw, k % kw
         window = lax.dynamic_slice(xp, (0, i, j, 0), size)
-        d = jnp.dot(window.reshape(-1, ci).T, gm, preferred_element_type=jnp.float32)
+        d = jnp.dot(gt, window.reshape(-1, ci), preferred_element_type=jnp.float32)
         return dw.at[k].set(d)
 
-    dw = lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, ci, co), jnp.float32))
-    return dw.reshape(kh, kw, ci, co)
+    dw = lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, co, ci), jnp.float32))
+    return dw.transpose(0, 2, 1).reshape(kh, kw, ci, co)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
