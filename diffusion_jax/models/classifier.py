@@ -73,6 +73,6 @@ class NoisyClassifier(nn.Module):
             if level != len(self.ch_mult) - 1:
                 h = Downsample(True, name=f"down_{level}_downsample", **kw)(h)
         h = ResBlock(h.shape[-1], self.dropout, name="mid_res", **kw)(h, emb, train)
-        h = nn.swish(group_norm(h, "norm_out", self.param_dtype))
+        h = group_norm(h, "norm_out", self.param_dtype, swish=True)
         h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
         return nn.Dense(self.num_classes, name="logits", param_dtype=self.param_dtype)(h)

@@ -23,18 +23,17 @@ from diffusion_jax.models.layers import (
     labels_or_null,
     timestep_embedding,
 )
+from diffusion_jax.models.norm import GroupNorm
 
 Dtype = Any
 GROUPS = 32  # GroupNorm groups, as in DDPM
 NORM_EPS = 1e-6  # GroupNorm epsilon, as in DDPM
 
 
-def group_norm(x: jax.Array, name: str, param_dtype: Dtype) -> jax.Array:
-    """GroupNorm(32, eps=1e-6) computed in float32, returned in ``x``'s dtype."""
-    norm = nn.GroupNorm(
-        num_groups=GROUPS, epsilon=NORM_EPS, dtype=jnp.float32, param_dtype=param_dtype, name=name
-    )
-    return norm(x.astype(jnp.float32)).astype(x.dtype)
+def group_norm(x: jax.Array, name: str, param_dtype: Dtype, swish: bool = False) -> jax.Array:
+    """GroupNorm(32, eps=1e-6) computed in float32, then swish if asked; in ``x``'s dtype."""
+    norm = GroupNorm(GROUPS, NORM_EPS, swish=swish, param_dtype=param_dtype, name=name)
+    return norm(x)
 
 
 class ResBlock(nn.Module):
@@ -53,7 +52,7 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.swish(group_norm(x, "norm1", self.param_dtype))
+        h = group_norm(x, "norm1", self.param_dtype, swish=True)
         h = Conv(self.out_ch, (3, 3), kernel_init=default_init(), name="conv1", **kw)(h)
         emb_features = 2 * self.out_ch if self.scale_shift else self.out_ch
         emb_out = nn.Dense(emb_features, kernel_init=default_init(), name="temb_proj", **kw)(
@@ -61,10 +60,9 @@ class ResBlock(nn.Module):
         )[:, None, None, :]
         if self.scale_shift:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = group_norm(h, "norm2", self.param_dtype) * (1 + scale) + shift
+            h = nn.swish(group_norm(h, "norm2", self.param_dtype) * (1 + scale) + shift)
         else:
-            h = group_norm(h + emb_out, "norm2", self.param_dtype)
-        h = nn.swish(h)
+            h = group_norm(h + emb_out, "norm2", self.param_dtype, swish=True)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = Conv(self.out_ch, (3, 3), kernel_init=default_init(0.0), name="conv2", **kw)(h)
         if x.shape[-1] != self.out_ch:
@@ -303,6 +301,6 @@ class UNet(nn.Module):
         assert not skips, "every skip connection is used exactly once"
 
         out_ch = (self.out_channels or in_ch) * (2 if self.learn_sigma else 1)
-        h = nn.swish(group_norm(h, "norm_out", self.param_dtype))
+        h = group_norm(h, "norm_out", self.param_dtype, swish=True)
         h = Conv(out_ch, (3, 3), kernel_init=default_init(0.0), name="conv_out", **kw)(h)
         return h.astype(jnp.float32)
