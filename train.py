@@ -45,8 +45,10 @@ def main(argv):
     sharding.initialize_distributed(  # before any other JAX call
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
-    from diffusion_jax import trainer
+    from diffusion_jax import env, trainer
 
+    if hint := env.cpu_malloc_hint():
+        logging.warning("%s.", hint)
     logging.info("Config:\n%s", FLAGS.config)
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
