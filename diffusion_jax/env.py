@@ -62,7 +62,8 @@ def cpu_malloc_hint(backend: str | None = None) -> str | None:
     XLA allocates each run's temporaries on a worker thread, whose glibc arena hands large blocks
     back to the kernel on free, so every training step page-faults its temporaries in afresh; with
     one arena, no mmap and no trimming they are reused. Issue 7 measured the CIFAR-10 U-Net's
-    batch-32 step at 12.3-13.4 s without and 7.8-8.3 s with them (benchmarks/README.md).
+    batch-32 training step (2-core CPU) at 7.4-7.6 s without and 6.6-6.8 s with them in a bare
+    process, and 12.3-13.4 s against 8.1-8.3 s in a process holding other compiled programs.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu" or not sys.platform.startswith("linux"):
@@ -72,7 +73,7 @@ def cpu_malloc_hint(backend: str | None = None) -> str | None:
         return None
     return (
         "JAX runs on the CPU without the malloc settings that make its steps faster "
-        f"(up to ~40% on large batches): start the process with GLIBC_TUNABLES={CPU_MALLOC_TUNABLES}"
+        f"(10-40% on large batches): start the process with GLIBC_TUNABLES={CPU_MALLOC_TUNABLES}"
     )
 
 
