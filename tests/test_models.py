@@ -263,6 +263,33 @@ def test_unet_remat_same_output_and_gradients():
     chex.assert_trees_all_close(grads_r, grads, rtol=1e-4, atol=1e-6)
 
 
+def test_unet_custom_grads_off_same_params_and_values_and_forward_mode_autodiff():
+    """custom_grads=False: the same param tree and outputs; jax.jvp goes through it, and its
+    directional derivative equals <grad, v> from the custom backward passes (custom_grads=True),
+    through which jax.jvp cannot go (a custom VJP)."""
+    kwargs = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+    custom, plain = UNet(**kwargs), UNet(**kwargs, custom_grads=False)
+    x, t = batch((2, 8, 8, 3))
+    params = random_params(custom, x, t)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, jax.eval_shape(lambda: plain.init(jax.random.key(0), x, t))["params"]
+    )
+    out = custom.apply({"params": params}, x, t)
+    np.testing.assert_allclose(plain.apply({"params": params}, x, t), out, rtol=1e-5, atol=1e-5)
+
+    w = jax.random.normal(jax.random.key(7), out.shape)
+    v = jax.random.normal(jax.random.key(8), x.shape)
+
+    def scalar(model):
+        return lambda x: jnp.sum(model.apply({"params": params}, x, t) * w)
+
+    _, forward_mode = jax.jvp(scalar(plain), (x,), (v,))
+    reverse_mode = jnp.sum(jax.grad(scalar(custom))(x) * v)
+    np.testing.assert_allclose(forward_mode, reverse_mode, rtol=1e-4)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(scalar(custom), (x,), (v,))
+
+
 # ----------------------------------------------------------------------------- errors
 
 

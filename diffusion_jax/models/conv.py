@@ -137,6 +137,12 @@ def conv_general_dilated(
     return _conv(lhs, rhs, strides, pad)
 
 
-def Conv(*args: Any, **kwargs: Any) -> nn.Conv:  # noqa: N802  (a module constructor)
-    """``flax.linen.Conv`` using :func:`conv_general_dilated`: the same parameters and outputs."""
+def Conv(*args: Any, custom_grads: bool = True, **kwargs: Any) -> nn.Conv:  # noqa: N802
+    """``flax.linen.Conv`` using :func:`conv_general_dilated`: the same parameters and outputs.
+
+    ``custom_grads=False`` gives the plain ``nn.Conv``, which forward-mode autodiff (``jax.jvp``)
+    can go through; the custom-VJP convolution cannot.
+    """
+    if not custom_grads:
+        return nn.Conv(*args, **kwargs)
     return nn.Conv(*args, conv_general_dilated=conv_general_dilated, **kwargs)
