@@ -101,7 +101,7 @@ def test_same_parameters_as_flax_group_norm():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_bfloat16_input_computes_in_float32_and_returns_bfloat16():
+def test_bfloat16_input_computes_in_float32_and_returns_bfloat16_values_and_gradients():
     x, params = _inputs((2, 4, 4, 64), seed=3)
     out = GroupNorm(32, 1e-6, swish=True).apply(params, x.astype(jnp.bfloat16))
     assert out.dtype == jnp.bfloat16
@@ -109,6 +109,17 @@ def test_bfloat16_input_computes_in_float32_and_returns_bfloat16():
     xb = np.asarray(x.astype(jnp.bfloat16), np.float64)
     want = np_group_norm(xb, np.asarray(p["scale"]), np.asarray(p["bias"]), 32, 1e-6, True)
     np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=1e-2, atol=1e-2)
+    # x's gradient comes back in bfloat16, close to the float32 gradient at the same point.
+    w = jax.random.normal(jax.random.key(4), x.shape)
+    module = GroupNorm(32, 1e-6, swish=True)
+
+    def grad_x(x):
+        return jax.grad(lambda x: jnp.sum(module.apply(params, x).astype(jnp.float32) * w))(x)
+
+    g16 = grad_x(x.astype(jnp.bfloat16))
+    g32 = grad_x(x.astype(jnp.bfloat16).astype(jnp.float32))
+    assert g16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g16, np.float32), np.asarray(g32), rtol=2e-2, atol=2e-2)
 
 
 def test_channels_not_divisible_into_groups_is_a_clear_error():

@@ -60,23 +60,26 @@ def _affine(x, scale, bias, mean, rstd):
 def group_norm(
     x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, eps: float, swish: bool
 ) -> jax.Array:
-    """GroupNorm of float32 x [B, ..., C] with ``groups`` groups, then swish if asked: [B, ..., C]."""
-    mean, rstd = _stats(x, groups, eps)
-    a, d = _affine(x, scale, bias, mean, rstd)
-    y = x * a + d
-    return y * jax.nn.sigmoid(y) if swish else y
+    """GroupNorm of x [B, ..., C] with ``groups`` groups, then swish if asked: float32 [B, ..., C].
+
+    Computed in float32 whatever x's dtype (scale and bias float32); x's gradient comes back in
+    x's dtype, and x is what the backward pass keeps (so bfloat16 activations stay bfloat16).
+    """
+    return _fwd(x, scale, bias, groups, eps, swish)[0]
 
 
 def _fwd(x, scale, bias, groups, eps, swish):
-    mean, rstd = _stats(x, groups, eps)
-    a, d = _affine(x, scale, bias, mean, rstd)
-    y = x * a + d
+    xf = x.astype(jnp.float32)
+    mean, rstd = _stats(xf, groups, eps)
+    a, d = _affine(xf, scale, bias, mean, rstd)
+    y = xf * a + d
     out = y * jax.nn.sigmoid(y) if swish else y
     return out, (x, scale, bias, mean, rstd)
 
 
 def _bwd(groups, eps, swish, res, dout):
-    x, scale, bias, mean, rstd = res
+    x_in, scale, bias, mean, rstd = res
+    x = x_in.astype(jnp.float32)
     b, c = x.shape[0], x.shape[-1]
     axes = tuple(range(1, x.ndim - 1))
     r = _per_channel(rstd, c, x.ndim)
@@ -94,7 +97,11 @@ def _bwd(groups, eps, swish, res, dout):
     m2 = jnp.sum((s2 * scale).reshape(b, groups, -1), -1) / n  # mean_group(dy * scale * xhat)
     m1, m2 = _per_channel(m1, c, x.ndim), _per_channel(m2, c, x.ndim)
     dx = r * (dy * scale - m1 - xhat * m2)
-    return dx, jnp.sum(s2, 0).astype(scale.dtype), jnp.sum(s1, 0).astype(bias.dtype)
+    return (
+        dx.astype(x_in.dtype),
+        jnp.sum(s2, 0).astype(scale.dtype),
+        jnp.sum(s1, 0).astype(bias.dtype),
+    )
 
 
 group_norm.defvjp(_fwd, _bwd)
@@ -123,7 +130,6 @@ class GroupNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (c,), self.param_dtype)
         f32 = jnp.float32
         out = group_norm(
-            x.astype(f32), scale.astype(f32), bias.astype(f32), self.num_groups, self.epsilon,
-            self.swish,
-        )  # fmt: skip
+            x, scale.astype(f32), bias.astype(f32), self.num_groups, self.epsilon, self.swish
+        )
         return out.astype(x.dtype)
