@@ -36,8 +36,8 @@ at 10 and 1000 steps; peak memory of a training step -- ours from XLA's
 growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) over its first step
 at the largest batch (torch after a batch-1 step has made Adam's moments, which ours holds before
 its step; later batches reuse the kept heap and report none); the FLOPs of our programs (XLA's
-cost analysis of the lowered program, the training step lowered with XLA's own kernel gradients,
-as the analysis counts a loop body once; used for both sides as the architecture is identical)
+cost analysis of the lowered program, the training step's on ``UNet(custom_grads=False)``, as the
+analysis counts a loop body once; used for both sides as the architecture is identical)
 divided by the time, as a fraction of the best dense float32 matmul (3072^2) either framework
 reached in the same run.
 
@@ -68,12 +68,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # for diffusion_jax and configs from a checkout
 GPU_INNER = 10  # GPU steps per timed call by default: one step is near the dispatch cost
-# One malloc arena, no mmap, no trimming: freed blocks are reused, so a step does not page-fault its
-# temporaries in afresh. arena_max=1 matters: XLA allocates a program's temporaries on a pool thread,
-# and glibc's per-thread arenas fall back to mmap for large blocks whatever mmap_max says.
-MALLOC_TUNABLES = (
-    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
-)
 
 
 def model_settings(tiny: bool) -> dict[str, Any]:
@@ -115,6 +109,9 @@ def _proc_status(key: str) -> int:
     return -1
 
 
+_RSS_MEASURED = False
+
+
 def _rss_growth(base: int) -> int | None:
     """Peak RSS (VmHWM) now minus ``base``, once per process: None after the first call.
 
@@ -126,9 +123,6 @@ def _rss_growth(base: int) -> int | None:
         return None
     _RSS_MEASURED = True
     return _proc_status("VmHWM") - base
-
-
-_RSS_MEASURED = False
 
 
 def _times(fn, reps: int) -> list[float]:
@@ -168,24 +162,29 @@ class JaxWorker:
         self.tx = optax.adam(2e-4)
         model, schedule, tx = self.model, self.schedule, self.tx
 
-        def train_step(params, opt_state, x0, rng):
-            loss_rng, dropout_rng = jax.random.split(rng)
+        def make_train_step(model):
+            def train_step(params, opt_state, x0, rng):
+                loss_rng, dropout_rng = jax.random.split(rng)
 
-            def loss_fn(p):
-                def model_fn(x_t, t):
-                    return model.apply(
-                        {"params": p}, x_t, t, train=True, rngs={"dropout": dropout_rng}
-                    )
+                def loss_fn(p):
+                    def model_fn(x_t, t):
+                        return model.apply(
+                            {"params": p}, x_t, t, train=True, rngs={"dropout": dropout_rng}
+                        )
 
-                per_example = dj.diffusion_loss(schedule, model_fn, x0, loss_rng)
-                return jnp.mean(per_example)
+                    per_example = dj.diffusion_loss(schedule, model_fn, x0, loss_rng)
+                    return jnp.mean(per_example)
 
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
+                loss, grads = jax.value_and_grad(loss_fn)(params)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, loss
 
-        self.train_fn = train_step
-        self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
+            return train_step
+
+        self.train_step = jax.jit(make_train_step(model), donate_argnums=(0, 1))
+        # For FLOP counting only: the same step on plain flax layers (the same function), as XLA's
+        # cost analysis counts the body of conv.py's per-tap gradient loop once, not once per tap.
+        self.plain_train_step = jax.jit(make_train_step(model.clone(custom_grads=False)))
         self.forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
         self.denoise = lambda p, x, t: model.apply({"params": p}, x, t)
         self.compiled: dict[str, Any] = {}
@@ -204,7 +203,9 @@ class JaxWorker:
             compiled = lowered.compile()
             self.compile_s = time.perf_counter() - t0
             self.compiled[key] = compiled
-            self.flops[key] = self._flops(self.train_fn, params, opt_state, x, jax.random.key(1))
+            self.flops[key] = _xla_flops(
+                self.plain_train_step.lower(params, opt_state, x, jax.random.key(1))
+            )
             mem = compiled.memory_analysis()
             self.xla_mem = self.xla_temp = None
             if mem is not None:
@@ -218,17 +219,6 @@ class JaxWorker:
             rng = jax.random.normal(jax.random.key(2), x.shape)
             self.state[batch] = [params, opt_state, rng, 0]
         return self.compiled[key]
-
-    def _flops(self, fn, *args) -> float:
-        """FLOPs of ``fn(*args)``: XLA's cost analysis of the program lowered with XLA's own kernel
-        gradients, as it counts the body of our tap gradient's loop once, not once per tap."""
-        from diffusion_jax.models import conv
-
-        saved, conv.TAP_MIN_ROWS = conv.TAP_MIN_ROWS, sys.maxsize
-        try:  # a new function object: jit's trace cache would hand back the tap program
-            return _xla_flops(self.jax.jit(lambda *a: fn(*a)).lower(*args))
-        finally:
-            conv.TAP_MIN_ROWS = saved
 
     def setup_train(self, batch: int) -> dict[str, Any]:
         compiled = self._train_compiled(batch)
@@ -393,7 +383,7 @@ class TorchWorker:
         self._sync()
 
     def setup_train(self, batch: int) -> dict[str, Any]:
-        if not self.x:  # Adam's moments exist before ours is measured too: make them here
+        if not self.opt.state:  # Adam's moments exist before ours is measured too: make them
             self.run_train(1)
         base = _peak_rss_reset()
         self.run_train(batch)
@@ -528,8 +518,10 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def run_parent(args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ)
-    if not args.no_malloc_tunables:
-        env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    if not args.no_malloc_tunables:  # one arena, no mmap, no trimming: see diffusion_jax/env.py
+        from diffusion_jax.env import CPU_MALLOC_TUNABLES
+
+        env["GLIBC_TUNABLES"] = CPU_MALLOC_TUNABLES
     with_torch = _have_torch() and not args.no_torch
     ours = Worker("jax", args, env)
     theirs = Worker("torch", args, env) if with_torch else None
