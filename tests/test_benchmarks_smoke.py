@@ -71,8 +71,31 @@ def _quality(tmp_path):
     assert "| ddim | 2 |" in stdout
 
 
+def _conv_kernels(tmp_path):
+    out = tmp_path / "conv.json"
+    stdout = _run("conv_kernels.py", "--tiny", "--reps", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    # The tiny net's convolutions, found by the interceptor: its input conv first, a strided
+    # (downsampling) one with asymmetric padding, and one call per conv of the forward pass.
+    assert rows[0]["first"] and rows[0]["shape"].startswith("8x8 3->32 k3s1")
+    assert any("s2p01x01" in r["shape"] for r in rows)
+    # conv_in + down (2 per res block, 1 downsample) + mid (2 x 2) + up (2 x 2 per level, 1
+    # upsample) + conv_out, for ch_mult (1, 2) and one res block per level: 1+3+2+4+5+4+1.
+    assert sum(r["count"] for r in rows) == 20
+    assert all(r["ours_forward"] > 0 and r["ours_train"] > 0 for r in rows)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        assert "theirs_forward" not in rows[0]
+    else:
+        assert all(r["theirs_forward"] > 0 and r["theirs_train"] > 0 for r in rows)
+    assert "all convolutions, one train" in stdout
+
+
 SMOKE = {
     "unet_vs_diffusers.py": _unet_vs_diffusers,
+    "conv_kernels.py": _conv_kernels,
     "sampler_compile.py": _sampler_compile,
     "input_pipeline.py": _input_pipeline,
     "quality.py": _quality,
