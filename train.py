@@ -47,8 +47,9 @@ def main(argv):
     )
     from diffusion_jax import env, trainer
 
-    if hint := env.cpu_malloc_hint():
-        logging.warning("%s.", hint)
+    for hint in (env.cpu_malloc_hint(), env.cpu_xla_flags_hint()):
+        if hint:
+            logging.warning("%s.", hint)
     logging.info("Config:\n%s", FLAGS.config)
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

@@ -19,7 +19,8 @@ parameter counts are asserted equal. Float32 throughout on the CPU.
 How it measures. Each framework runs in its own worker process (separate allocators and thread
 pools: issue 7 measured the JAX batch-32 step ~20% slower sharing a process with torch), both
 started with the same environment (``GLIBC_TUNABLES``: one malloc arena, no mmap, no trimming,
-unless ``--no_malloc_tunables``). The parent sends each case to
+unless ``--no_malloc_tunables``; on the CPU, ``diffusion_jax.env.CPU_XLA_FLAGS`` added to
+``XLA_FLAGS`` where that module suggests it, unless ``--no_xla_flags``). The parent sends each case to
 both workers in turn, alternating who goes first, for ``--rounds`` rounds after a warm-up; a round's
 time is the median of ``--reps`` calls. It prints per-round ours/theirs ratios and the 1-minute load
 average at each round (the worker being timed counts for 1-2 of it; the two never run together),
@@ -522,6 +523,11 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
         from diffusion_jax.env import CPU_MALLOC_TUNABLES
 
         env["GLIBC_TUNABLES"] = CPU_MALLOC_TUNABLES
+    if args.device == "cpu" and not args.no_xla_flags:
+        from diffusion_jax.env import CPU_XLA_FLAGS, cpu_xla_flags_hint
+
+        if cpu_xla_flags_hint("cpu"):  # a jaxlib it was measured on, and not set by the user
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + CPU_XLA_FLAGS).strip()
     with_torch = _have_torch() and not args.no_torch
     ours = Worker("jax", args, env)
     theirs = Worker("torch", args, env) if with_torch else None
@@ -530,6 +536,7 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "tiny": args.tiny,
         "malloc_tunables": not args.no_malloc_tunables,
+        "xla_flags": env.get("XLA_FLAGS", ""),
         "num_params": {"ours": ours.hello["num_params"]},
         "cases": {},
         "rounds_load": [],
@@ -629,6 +636,8 @@ def _fmt_bytes(n: Any) -> str:
 def print_report(rep: dict[str, Any]) -> None:
     both = "theirs" in rep["num_params"]
     print(f"command: {rep['command']}")
+    malloc = "set" if rep["malloc_tunables"] else "not set"
+    print(f"workers' env: GLIBC_TUNABLES {malloc}, XLA_FLAGS={rep['xla_flags']!r}")
     print(
         f"params: ours {rep['num_params']['ours']:,}"
         + (f", diffusers {rep['num_params']['theirs']:,}" if both else " (diffusers not installed)")
@@ -704,6 +713,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--tiny", action="store_true", help="tiny U-Net, batch 1: a smoke test")
     parser.add_argument("--no_torch", action="store_true", help="only our side")
     parser.add_argument("--no_malloc_tunables", action="store_true")
+    parser.add_argument(
+        "--no_xla_flags", action="store_true", help="without diffusion_jax.env.CPU_XLA_FLAGS"
+    )
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--gpu_batch", default="128", help="GPU batch sizes, comma-separated")
     parser.add_argument(

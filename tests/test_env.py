@@ -5,9 +5,17 @@ import os
 import subprocess
 import sys
 
+import jaxlib
+import numpy as np
 import pytest
 
-from diffusion_jax.env import CPU_MALLOC_TUNABLES, cpu_malloc_hint
+from diffusion_jax import env as env_lib
+from diffusion_jax.env import (
+    CPU_MALLOC_TUNABLES,
+    CPU_XLA_FLAGS,
+    cpu_malloc_hint,
+    cpu_xla_flags_hint,
+)
 
 
 @pytest.mark.parametrize("devices", [1, 4])
@@ -15,7 +23,7 @@ def test_env_check_reports_devices(devices):
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {CPU_XLA_FLAGS}",
         GLIBC_TUNABLES=CPU_MALLOC_TUNABLES,
     )
     cmd = [sys.executable, "-m", "diffusion_jax.env", "--json", "--batch_size", "6"]
@@ -62,3 +70,60 @@ def test_cpu_malloc_hint_names_the_missing_settings(monkeypatch):
     assert cpu_malloc_hint("cpu") is None
     monkeypatch.delenv("GLIBC_TUNABLES")
     assert cpu_malloc_hint("gpu") is None and cpu_malloc_hint("tpu") is None
+
+
+def test_cpu_xla_flags_hint_only_where_verified_and_unset(monkeypatch):
+    monkeypatch.setattr(jaxlib, "__version__", "0.10.2")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    hint = cpu_xla_flags_hint("cpu")
+    assert hint is not None and f'XLA_FLAGS="{CPU_XLA_FLAGS}"' in hint
+    assert cpu_xla_flags_hint("gpu") is None and cpu_xla_flags_hint("tpu") is None
+    # Any value of the flag is the user's choice; an unverified jaxlib may not know the flag at
+    # all (XLA aborts on unknown flags), so it is not suggested there.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+    assert cpu_xla_flags_hint("cpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(jaxlib, "__version__", "0.11.0")
+    assert cpu_xla_flags_hint("cpu") is None
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert f"export XLA_FLAGS={CPU_XLA_FLAGS}" in readme
+    assert f"export GLIBC_TUNABLES={CPU_MALLOC_TUNABLES}" in readme
+
+
+_CONV_PROBE = """
+import json, re, jax, jax.numpy as jnp
+from diffusion_jax.models.conv import conv_general_dilated
+x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
+w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) / 17
+def loss(x, w):
+    y = conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(jnp.sin(y))
+f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+hlo = f.lower(x, w).compile().as_text()
+bodies = dict(re.findall(r"^%?([\\w.-]+) [^\\n]*\\{\\n(.*?)\\n\\}", hlo, re.M | re.S))
+called = re.findall(r"ynn_fusion[.0-9]* = .*?calls=%?([\\w.-]+)", hlo)
+v, (dx, dw) = f(x, w)
+print(json.dumps({"v": float(v), "dx": dx.ravel().tolist(), "dw": dw.ravel().tolist(),
+                  "ynn_convs": sum(" convolution(" in bodies.get(c, "") for c in called)}))
+"""
+
+
+@pytest.mark.skipif(
+    not jaxlib.__version__.startswith(env_lib.CPU_XLA_FLAGS_JAXLIB),
+    reason="the flag is only suggested for verified jaxlib versions",
+)
+def test_cpu_xla_flag_is_accepted_and_keeps_the_values():
+    """The suggested flag parses (XLA aborts on unknown flags), takes convolutions off YNNPACK and
+    leaves a convolution's value and gradients as they were, up to float32 rounding."""
+    outs = {}
+    for flags in ("", CPU_XLA_FLAGS):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+        proc = subprocess.run(
+            [sys.executable, "-c", _CONV_PROBE], env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs[flags] = json.loads(proc.stdout.strip().splitlines()[-1])
+    plain, flagged = outs[""], outs[CPU_XLA_FLAGS]
+    assert plain["ynn_convs"] > 0 and flagged["ynn_convs"] == 0, (plain, flagged)
+    for key in ("v", "dx", "dw"):
+        np.testing.assert_allclose(flagged[key], plain[key], rtol=1e-5, atol=1e-5)
