@@ -17,8 +17,9 @@ distinct shape is timed at ``--batch``:
   network's first convolution, whose input is data), ours one jitted ``jax.vjp``, theirs autograd.
 
 Each framework runs in its own fresh process per round (issue 7 found the two slow each other down
-in one process), with the malloc settings of ``diffusion_jax.env`` unless ``--no_malloc_tunables``;
-rounds alternate who goes first. A round's time is the median of ``--reps`` calls after a warm-up
+in one process), with the malloc settings of ``diffusion_jax.env`` unless ``--no_malloc_tunables``
+and, where that module suggests it, its ``CPU_XLA_FLAGS`` (convolutions on XLA's Eigen kernels
+rather than YNNPACK's) unless ``--no_xla_flags``; rounds alternate who goes first. A round's time is the median of ``--reps`` calls after a warm-up
 call. The table gives per shape the medians over rounds, GFLOP/s (2 * multiply-adds) and the
 ratio ours/theirs; the last rows weight each shape by how often the network calls it, i.e. the
 time the convolutions alone take in one forward pass and in one training step.
@@ -172,12 +173,14 @@ def _have_torch() -> bool:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from diffusion_jax.env import CPU_MALLOC_TUNABLES
+    from diffusion_jax.env import CPU_MALLOC_TUNABLES, CPU_XLA_FLAGS, cpu_xla_flags_hint
 
     shapes = distinct_shapes(conv_calls(args.tiny))
     env = dict(os.environ)
     if not args.no_malloc_tunables:
         env["GLIBC_TUNABLES"] = CPU_MALLOC_TUNABLES
+    if not args.no_xla_flags and cpu_xla_flags_hint("cpu"):  # as unet_vs_diffusers.py
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + CPU_XLA_FLAGS).strip()
     sides = ["ours", "theirs"] if _have_torch() and not args.no_torch else ["ours"]
     times: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
     loads = []
@@ -220,6 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "reps": args.reps,
         "load_per_round": loads,
+        "xla_flags": env.get("XLA_FLAGS", ""),
         "rows": rows,
         "totals": totals,
     }
@@ -231,6 +235,7 @@ def print_report(rep: dict[str, Any]) -> None:
     print(
         f"\nconvolutions of the U-Net at batch {b}, float32; load per round {rep['load_per_round']}"
     )
+    print(f"our worker's XLA_FLAGS={rep['xla_flags']!r}")
     head = "| shape | calls | fwd ours ms (GF/s) |"
     head += " fwd torch ms (GF/s) | ratio | train ours ms (GF/s) | train torch ms (GF/s) | ratio |"
     print(head if theirs else "| shape | calls | fwd ours ms (GF/s) | train ours ms (GF/s) |")
@@ -273,6 +278,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--tiny", action="store_true", help="tiny U-Net: a smoke test")
     parser.add_argument("--no_torch", action="store_true", help="only our side")
     parser.add_argument("--no_malloc_tunables", action="store_true")
+    parser.add_argument(
+        "--no_xla_flags", action="store_true", help="without diffusion_jax.env.CPU_XLA_FLAGS"
+    )
     parser.add_argument("--out", default=None, help="write the report as JSON here")
     parser.add_argument("--worker", choices=("ours", "theirs"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
