@@ -17,13 +17,18 @@ from diffusion_jax.env import (
     cpu_xla_flags_hint,
 )
 
+# The suggested flag where this jaxlib knows it (XLA aborts on unknown flags); none elsewhere.
+_XLA_FLAGS_IF_KNOWN = (
+    CPU_XLA_FLAGS if jaxlib.__version__.startswith(env_lib.CPU_XLA_FLAGS_JAXLIB) else ""
+)
+
 
 @pytest.mark.parametrize("devices", [1, 4])
 def test_env_check_reports_devices(devices):
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {CPU_XLA_FLAGS}",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {_XLA_FLAGS_IF_KNOWN}",
         GLIBC_TUNABLES=CPU_MALLOC_TUNABLES,
     )
     cmd = [sys.executable, "-m", "diffusion_jax.env", "--json", "--batch_size", "6"]
@@ -124,6 +129,8 @@ def test_cpu_xla_flag_is_accepted_and_keeps_the_values():
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs[flags] = json.loads(proc.stdout.strip().splitlines()[-1])
     plain, flagged = outs[""], outs[CPU_XLA_FLAGS]
-    assert plain["ynn_convs"] > 0 and flagged["ynn_convs"] == 0, (plain, flagged)
     for key in ("v", "dx", "dw"):
         np.testing.assert_allclose(flagged[key], plain[key], rtol=1e-5, atol=1e-5)
+    assert flagged["ynn_convs"] == 0, flagged["ynn_convs"]
+    if plain["ynn_convs"] == 0:  # YNNPACK takes no convolutions on this CPU: the flag is a no-op
+        pytest.skip("YNNPACK takes no convolutions on this CPU; values checked only")
