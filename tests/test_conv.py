@@ -55,6 +55,7 @@ CASES = [  # (x shape, kernel hw, Co, strides, padding as given, explicit paddin
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_values_and_gradients_match_float64(case, tap_min_rows, monkeypatch):
     monkeypatch.setattr(conv_lib, "TAP_MIN_ROWS", tap_min_rows)
+    monkeypatch.setattr(conv_lib, "xla_kernel_grad_on_ynnpack", lambda: True)
     shape, k, co, strides, padding, pad = CASES[case]
     rng = np.random.default_rng(case)
     x = rng.normal(size=shape).astype(np.float32)
@@ -81,7 +82,8 @@ def test_values_and_gradients_match_float64(case, tap_min_rows, monkeypatch):
 
 
 def test_cpu_kernel_gradient_takes_the_tap_matmuls(monkeypatch):
-    """Above TAP_MIN_ROWS the compiled CPU kernel gradient has no convolution, only dots."""
+    """Above TAP_MIN_ROWS, where XLA would put its kernel-gradient convolution on YNNPACK, the
+    compiled CPU kernel gradient has no convolution, only dots; elsewhere it is XLA's."""
     x = jnp.ones((2, 8, 8, 4))
     w = jnp.ones((3, 3, 4, 4))
 
@@ -91,16 +93,21 @@ def test_cpu_kernel_gradient_takes_the_tap_matmuls(monkeypatch):
 
         return jax.jit(jax.grad(loss)).lower(w).compile().as_text()
 
+    monkeypatch.setattr(conv_lib, "xla_kernel_grad_on_ynnpack", lambda: True)
     monkeypatch.setattr(conv_lib, "TAP_MIN_ROWS", 1)
     taps = dw_text()
     monkeypatch.setattr(conv_lib, "TAP_MIN_ROWS", 10**9)
     xla = dw_text()
-    assert " convolution(" in xla
+    monkeypatch.setattr(conv_lib, "TAP_MIN_ROWS", 1)
+    monkeypatch.setattr(conv_lib, "xla_kernel_grad_on_ynnpack", lambda: False)
+    eigen = dw_text()
+    assert " convolution(" in xla and " convolution(" in eigen
     assert " convolution(" not in taps and " dot(" in taps
 
 
 def test_bfloat16_kernel_gradient_close_to_float32(monkeypatch):
     monkeypatch.setattr(conv_lib, "TAP_MIN_ROWS", 1)
+    monkeypatch.setattr(conv_lib, "xla_kernel_grad_on_ynnpack", lambda: True)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 8, 8, 8)).astype(np.float32)
     w = rng.normal(size=(3, 3, 8, 8)).astype(np.float32)
@@ -137,6 +144,7 @@ def test_unet_gradients_unchanged_by_the_tap_path(monkeypatch):
         loss = lambda p: jnp.sum(model.apply({"params": p}, x, t) ** 2)  # noqa: E731
         return jax.jit(jax.grad(loss))(params)
 
+    monkeypatch.setattr(conv_lib, "xla_kernel_grad_on_ynnpack", lambda: True)
     monkeypatch.setattr(conv_lib, "TAP_MIN_ROWS", 1)
     taps = grads()
     monkeypatch.setattr(conv_lib, "TAP_MIN_ROWS", 10**9)

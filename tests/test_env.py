@@ -97,7 +97,7 @@ def test_cpu_xla_flags_hint_only_where_verified_and_unset(monkeypatch):
 
 _CONV_PROBE = """
 import json, re, jax, jax.numpy as jnp
-from diffusion_jax.models.conv import conv_general_dilated
+from diffusion_jax.models.conv import conv_general_dilated, xla_kernel_grad_on_ynnpack
 x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
 w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) / 17
 def loss(x, w):
@@ -109,7 +109,8 @@ bodies = dict(re.findall(r"^%?([\\w.-]+) [^\\n]*\\{\\n(.*?)\\n\\}", hlo, re.M | 
 called = re.findall(r"ynn_fusion[.0-9]* = .*?calls=%?([\\w.-]+)", hlo)
 v, (dx, dw) = f(x, w)
 print(json.dumps({"v": float(v), "dx": dx.ravel().tolist(), "dw": dw.ravel().tolist(),
-                  "ynn_convs": sum(" convolution(" in bodies.get(c, "") for c in called)}))
+                  "ynn_convs": sum(" convolution(" in bodies.get(c, "") for c in called),
+                  "probe": xla_kernel_grad_on_ynnpack()}))
 """
 
 
@@ -118,8 +119,9 @@ print(json.dumps({"v": float(v), "dx": dx.ravel().tolist(), "dw": dw.ravel().tol
     reason="the flag is only suggested for verified jaxlib versions",
 )
 def test_cpu_xla_flag_is_accepted_and_keeps_the_values():
-    """The suggested flag parses (XLA aborts on unknown flags), takes convolutions off YNNPACK and
-    leaves a convolution's value and gradients as they were, up to float32 rounding."""
+    """The suggested flag parses (XLA aborts on unknown flags), takes convolutions off YNNPACK (and
+    with them models/conv.py's tap kernel gradient) and leaves a convolution's value and gradients
+    as they were, up to float32 rounding."""
     outs = {}
     for flags in ("", CPU_XLA_FLAGS):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
@@ -132,5 +134,8 @@ def test_cpu_xla_flag_is_accepted_and_keeps_the_values():
     for key in ("v", "dx", "dw"):
         np.testing.assert_allclose(flagged[key], plain[key], rtol=1e-5, atol=1e-5)
     assert flagged["ynn_convs"] == 0, flagged["ynn_convs"]
+    # models/conv.py takes its tap kernel gradient only where XLA's would run on YNNPACK
+    assert flagged["probe"] is False
+    assert plain["probe"] is (plain["ynn_convs"] > 0)
     if plain["ynn_convs"] == 0:  # YNNPACK takes no convolutions on this CPU: the flag is a no-op
         pytest.skip("YNNPACK takes no convolutions on this CPU; values checked only")

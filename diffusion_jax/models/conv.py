@@ -6,7 +6,10 @@ window (the whole 32x32 feature map of a batch) ran at 84-116 GFLOP/s on the pro
 box, against 164-224 GFLOP/s for the same gradient written as one matmul per kernel tap,
 ``dw[i, j] = (g^T @ x_pad[:, i:i+H, j:j+W])^T`` (``benchmarks/README.md``, issue 7). The tap form is
 used for stride-1 convolutions whose gradient has at least :data:`TAP_MIN_ROWS` output positions
-(batch * H * W); below that XLA's own was as fast or faster. Other backends (GPU, TPU) always
+(batch * H * W); below that XLA's own was as fast or faster. It is used only where XLA would run
+its kernel-gradient convolution on YNNPACK (jax 0.10's default): with convolutions on XLA's Eigen
+kernels (``diffusion_jax.env.CPU_XLA_FLAGS``) XLA's own gradient ran 1.2-1.8x faster than the
+taps, so :func:`xla_kernel_grad_on_ynnpack` asks the compiler once per process. Other backends (GPU, TPU) always
 take XLA's gradient, chosen at lowering by ``lax.platform_dependent``, so a program lowered for
 several platforms stays right on each.
 """
@@ -14,6 +17,7 @@ several platforms stays right on each.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +60,38 @@ def _kernel_grad_taps(
     return dw.transpose(0, 2, 1).reshape(kh, kw, ci, co)
 
 
+def _ynn_fused_convolutions(hlo: str) -> int:
+    """How many convolutions of an optimised HLO text sit inside YNNPACK fusions."""
+    bodies = dict(re.findall(r"^%?([\w.-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S))
+    called = re.findall(r"ynn_fusion[.0-9]* = .*?calls=%?([\w.-]+)", hlo)
+    return sum(" convolution(" in bodies.get(c, "") for c in called)
+
+
+@functools.cache
+def xla_kernel_grad_on_ynnpack() -> bool:
+    """Whether the CPU backend compiles XLA's 3x3 kernel-gradient convolution into YNNPACK.
+
+    That gradient then ran at 67-103 GFLOP/s against 150-205 for the taps; on XLA's Eigen kernels
+    it ran at 200-260. Decided once per process by compiling a small gradient (XLA_FLAGS and the
+    jaxlib version, which set it, are fixed by then).
+    """
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # no CPU backend: the tap branch is never taken
+        return False
+    sharding = jax.sharding.SingleDeviceSharding(cpu)
+    x = jax.ShapeDtypeStruct((8, 32, 32, 64), jnp.float32, sharding=sharding)
+    g = jax.ShapeDtypeStruct((8, 32, 32, 64), jnp.float32, sharding=sharding)
+    w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32, sharding=sharding)
+    pad = ((1, 1), (1, 1))
+
+    def kernel_grad(x, w, g):
+        return jax.vjp(lambda w: _xla_conv(x, w, (1, 1), pad), w)[1](g)[0]
+
+    hlo = jax.jit(kernel_grad).lower(x, w, g).compile().as_text()
+    return _ynn_fused_convolutions(hlo) > 0
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], pad: Padding) -> jax.Array:
     return _xla_conv(x, w, strides, pad)
@@ -73,6 +109,8 @@ def _conv_bwd(strides, pad, res, g):
         return jax.vjp(lambda w: _xla_conv(x, w, strides, pad), w)[1](g)[0]
 
     if strides != (1, 1) or g.shape[0] * g.shape[1] * g.shape[2] < TAP_MIN_ROWS:
+        return dx, xla_kernel_grad(x, g)
+    if not xla_kernel_grad_on_ynnpack():
         return dx, xla_kernel_grad(x, g)
     dw = lax.platform_dependent(
         x,
