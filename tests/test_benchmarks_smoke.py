@@ -93,7 +93,30 @@ def _conv_kernels(tmp_path):
     assert "all convolutions, one train" in stdout
 
 
+def _step_variants(tmp_path):
+    out = tmp_path / "variants.json"
+    _run(
+        "step_variants.py", "--tiny", "--rounds", "2", "--variant", "base",
+        "--variant", "taps:taps=1,xla_cpu_enable_concurrency_optimized_scheduler=false",
+        "--out", str(out),
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    base, taps = report["variants"]["base"], report["variants"]["taps"]
+    assert report["base"] == "base" and base["ratio_median"] == 1.0
+    assert len(base["times"]) == len(taps["times"]) == 2 and min(taps["times"]) > 0
+    assert taps["settings"] == {"taps": True}
+    assert taps["compiler_options"] == {"xla_cpu_enable_concurrency_optimized_scheduler": "False"}
+    # a bad variant is refused before anything compiles
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "step_variants.py"), "--variant", "x:taps=2"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "taps takes 0 or 1" in proc.stderr
+
+
 SMOKE = {
+    "step_variants.py": _step_variants,
     "unet_vs_diffusers.py": _unet_vs_diffusers,
     "conv_kernels.py": _conv_kernels,
     "sampler_compile.py": _sampler_compile,

@@ -9,9 +9,9 @@ used for stride-1 convolutions whose gradient has at least :data:`TAP_MIN_ROWS` 
 (batch * H * W); below that XLA's own was as fast or faster. It is used only where XLA would run
 its kernel-gradient convolution on YNNPACK (jax 0.10's default): with convolutions on XLA's Eigen
 kernels (``diffusion_jax.env.CPU_XLA_FLAGS``) XLA's own gradient ran 1.2-1.8x faster than the
-taps, so :func:`xla_kernel_grad_on_ynnpack` asks the compiler once per process. Other backends (GPU, TPU) always
-take XLA's gradient, chosen at lowering by ``lax.platform_dependent``, so a program lowered for
-several platforms stays right on each.
+taps, so :func:`xla_kernel_grad_on_ynnpack` asks the compiler once per process. Other backends
+(GPU, TPU) always take XLA's gradient, chosen at lowering by ``lax.platform_dependent``, so a
+program lowered for several platforms stays right on each.
 """
 
 from __future__ import annotations
