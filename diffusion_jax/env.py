@@ -87,8 +87,9 @@ def cpu_xla_flags_hint(backend: str | None = None) -> str | None:
     """On a CPU backend of a verified jaxlib without :data:`CPU_XLA_FLAGS`, the line to set them.
 
     The flag sends convolutions to XLA's Eigen kernels instead of YNNPACK's (matmuls stay with
-    YNNPACK). Issue 7 measured the CIFAR-10 U-Net on a 2-core AVX-512 CPU at 3-5% faster with it:
-    batch-32 training step 6.50-6.66 s against 6.78-7.07 s, forward 1.68-1.80 against 1.76-1.86 s.
+    YNNPACK), and models/conv.py then takes XLA's kernel gradient instead of its tap form. Issue 7
+    measured the CIFAR-10 U-Net's batch-32 training step on a 2-core AVX-512 CPU at 5.8-8.3 s with
+    it against 7.5-9.9 s without (15-25%); forward 1.68-1.80 against 1.76-1.86 s.
     """
     import jaxlib
 
@@ -99,7 +100,7 @@ def cpu_xla_flags_hint(backend: str | None = None) -> str | None:
     if CPU_XLA_FLAGS.split("=")[0] in os.environ.get("XLA_FLAGS", ""):
         return None  # set, to this or another value: the user's choice stands
     return (
-        "JAX runs on the CPU without the XLA flag that makes convolutions faster (3-5%): "
+        "JAX runs on the CPU without the XLA flag that makes convolutions faster (15-25%): "
         f'start the process with XLA_FLAGS="{CPU_XLA_FLAGS}"'
     )
 
