@@ -88,7 +88,10 @@ def xla_kernel_grad_on_ynnpack() -> bool:
     def kernel_grad(x, w, g):
         return jax.vjp(lambda w: _xla_conv(x, w, (1, 1), pad), w)[1](g)[0]
 
-    hlo = jax.jit(kernel_grad).lower(x, w, g).compile().as_text()
+    try:
+        hlo = jax.jit(kernel_grad).lower(x, w, g).compile().as_text()
+    except Exception:  # noqa: BLE001  (the taps are only a speed-up: never fail a program here)
+        return False
     return _ynn_fused_convolutions(hlo) > 0
 
 
