@@ -41,7 +41,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from unet_vs_diffusers import model_settings  # noqa: E402
+from unet_vs_diffusers import model_settings, worker_env  # noqa: E402
 
 
 def conv_calls(tiny: bool) -> list[dict[str, Any]]:
@@ -173,14 +173,8 @@ def _have_torch() -> bool:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from diffusion_jax.env import CPU_MALLOC_TUNABLES, CPU_XLA_FLAGS, cpu_xla_flags_hint
-
     shapes = distinct_shapes(conv_calls(args.tiny))
-    env = dict(os.environ)
-    if not args.no_malloc_tunables:
-        env["GLIBC_TUNABLES"] = CPU_MALLOC_TUNABLES
-    if not args.no_xla_flags and cpu_xla_flags_hint("cpu"):  # as unet_vs_diffusers.py
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + CPU_XLA_FLAGS).strip()
+    env = worker_env(not args.no_malloc_tunables, not args.no_xla_flags)
     sides = ["ours", "theirs"] if _have_torch() and not args.no_torch else ["ours"]
     times: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
     loads = []

@@ -67,13 +67,9 @@ def _reexec_with_env(args: argparse.Namespace) -> None:
     """Start this script again with the benchmark environment, unless this is that run."""
     if os.environ.get(_CHILD):
         return
-    from diffusion_jax.env import CPU_MALLOC_TUNABLES, CPU_XLA_FLAGS, cpu_xla_flags_hint
+    from unet_vs_diffusers import worker_env
 
-    env = dict(os.environ, **{_CHILD: "1"})
-    if not args.no_malloc_tunables:
-        env["GLIBC_TUNABLES"] = CPU_MALLOC_TUNABLES
-    if not args.no_xla_flags and cpu_xla_flags_hint("cpu") is not None:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + CPU_XLA_FLAGS).strip()
+    env = dict(worker_env(not args.no_malloc_tunables, not args.no_xla_flags), **{_CHILD: "1"})
     os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
 
 

@@ -517,17 +517,23 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def run_parent(args: argparse.Namespace) -> dict[str, Any]:
+def worker_env(malloc_tunables: bool, xla_flags: bool) -> dict[str, str]:
+    """This process's environment for a benchmark worker: with diffusion_jax.env's malloc settings
+    (one arena, no mmap, no trimming) and, where that module suggests it, its CPU XLA flags."""
+    from diffusion_jax.env import CPU_MALLOC_TUNABLES, CPU_XLA_FLAGS, cpu_xla_flags_hint
+
     env = dict(os.environ)
-    if not args.no_malloc_tunables:  # one arena, no mmap, no trimming: see diffusion_jax/env.py
-        from diffusion_jax.env import CPU_MALLOC_TUNABLES
-
+    if malloc_tunables:
         env["GLIBC_TUNABLES"] = CPU_MALLOC_TUNABLES
-    if args.device == "cpu" and not args.no_xla_flags:
-        from diffusion_jax.env import CPU_XLA_FLAGS, cpu_xla_flags_hint
+    if xla_flags and cpu_xla_flags_hint("cpu"):  # a jaxlib it was measured on, not set by the user
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + CPU_XLA_FLAGS).strip()
+    return env
 
-        if cpu_xla_flags_hint("cpu"):  # a jaxlib it was measured on, and not set by the user
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + CPU_XLA_FLAGS).strip()
+
+def run_parent(args: argparse.Namespace) -> dict[str, Any]:
+    env = worker_env(
+        not args.no_malloc_tunables, xla_flags=args.device == "cpu" and not args.no_xla_flags
+    )
     with_torch = _have_torch() and not args.no_torch
     ours = Worker("jax", args, env)
     theirs = Worker("torch", args, env) if with_torch else None
