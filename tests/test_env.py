@@ -96,8 +96,9 @@ def test_cpu_xla_flags_hint_only_where_verified_and_unset(monkeypatch):
 
 
 _CONV_PROBE = """
-import json, re, jax, jax.numpy as jnp
-from diffusion_jax.models.conv import conv_general_dilated, xla_kernel_grad_on_ynnpack
+import json, jax, jax.numpy as jnp
+from diffusion_jax.models.conv import (
+    _ynn_fused_convolutions, conv_general_dilated, xla_kernel_grad_on_ynnpack)
 x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
 w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) / 17
 def loss(x, w):
@@ -105,11 +106,9 @@ def loss(x, w):
     return jnp.sum(jnp.sin(y))
 f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 hlo = f.lower(x, w).compile().as_text()
-bodies = dict(re.findall(r"^%?([\\w.-]+) [^\\n]*\\{\\n(.*?)\\n\\}", hlo, re.M | re.S))
-called = re.findall(r"ynn_fusion[.0-9]* = .*?calls=%?([\\w.-]+)", hlo)
 v, (dx, dw) = f(x, w)
 print(json.dumps({"v": float(v), "dx": dx.ravel().tolist(), "dw": dw.ravel().tolist(),
-                  "ynn_convs": sum(" convolution(" in bodies.get(c, "") for c in called),
+                  "ynn_convs": _ynn_fused_convolutions(hlo),
                   "probe": xla_kernel_grad_on_ynnpack()}))
 """
 

@@ -111,9 +111,8 @@ def _conv_bwd(strides, pad, res, g):
     def xla_kernel_grad(x, g):
         return jax.vjp(lambda w: _xla_conv(x, w, strides, pad), w)[1](g)[0]
 
-    if strides != (1, 1) or g.shape[0] * g.shape[1] * g.shape[2] < TAP_MIN_ROWS:
-        return dx, xla_kernel_grad(x, g)
-    if not xla_kernel_grad_on_ynnpack():
+    few_rows = g.shape[0] * g.shape[1] * g.shape[2] < TAP_MIN_ROWS
+    if strides != (1, 1) or few_rows or not xla_kernel_grad_on_ynnpack():
         return dx, xla_kernel_grad(x, g)
     dw = lax.platform_dependent(
         x,
