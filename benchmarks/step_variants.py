@@ -129,9 +129,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             step = jax.jit(make_step(model), donate_argnums=() if args.forward else (0, 1))
             start = time.perf_counter()
-            compiled = step.lower(params, opt_state, jax.random.key(1)).compile(
-                compiler_options=options or None
-            )
+            lowered = step.lower(params, opt_state, jax.random.key(1))
+            try:
+                compiled = lowered.compile(compiler_options=options or None)
+            except jax.errors.JaxRuntimeError as err:
+                if not options:
+                    raise
+                raise SystemExit(
+                    f"step_variants.py: --variant {spec!r}: XLA refused its options: {err}. "
+                    "See the xla_cpu_* fields of XLA's DebugOptions (xla.proto) for your jaxlib."
+                ) from None
             compile_s = time.perf_counter() - start
         finally:
             conv_lib.TAP_MIN_ROWS, conv_lib.xla_kernel_grad_on_ynnpack = saved

@@ -113,6 +113,15 @@ def _step_variants(tmp_path):
         text=True,
     )
     assert proc.returncode != 0 and "taps takes 0 or 1" in proc.stderr
+    # an option XLA does not know ends the run with a line naming the variant, not a traceback
+    proc = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "step_variants.py"), "--tiny", "--rounds", "1",
+         "--variant", "odd:xla_cpu_no_such_option=1"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "--variant 'odd:xla_cpu_no_such_option=1'" in proc.stderr
+    assert "xla_cpu_no_such_option" in proc.stderr and "Traceback" not in proc.stderr
 
 
 SMOKE = {
