@@ -13,6 +13,8 @@ range). A variant is ``NAME`` or ``NAME:key=value,...`` with keys
 
 - ``taps``: 1 / 0 forces models/conv.py's per-tap kernel gradient on / off (default: the
   library's own choice, see ``conv.xla_kernel_grad_on_ynnpack``);
+- ``dense``: 1 / 0 forces models/dense.py's x^T kernel gradient for the Dense layers on / off
+  (default: from ``dense.MIN_ROWS`` rows);
 - ``custom_grads``: 0 for ``UNet(custom_grads=False)`` (flax's GroupNorm and convolutions);
 - anything else: an XLA compiler option for this program only (``compiler_options`` of
   ``jax.jit(...).lower(...).compile``), e.g. ``xla_cpu_enable_concurrency_optimized_scheduler``.
@@ -51,7 +53,7 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"step_variants.py: --variant {spec!r}: {item!r} is not key=value.")
-        if key in ("taps", "custom_grads"):
+        if key in ("taps", "dense", "custom_grads"):
             if value not in ("0", "1"):
                 raise SystemExit(f"step_variants.py: --variant {spec!r}: {key} takes 0 or 1.")
             settings[key] = value == "1"
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import diffusion_jax as dj
     from diffusion_jax.models import UNet
     from diffusion_jax.models import conv as conv_lib
+    from diffusion_jax.models import dense as dense_lib
 
     batch, size = args.batch, (8 if args.tiny else 32)
     schedule = dj.make_schedule("linear", 1000)
@@ -119,7 +122,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32)
         )["params"]
         opt_state = tx.init(params)
-        saved = conv_lib.TAP_MIN_ROWS, conv_lib.xla_kernel_grad_on_ynnpack
+        saved = conv_lib.TAP_MIN_ROWS, conv_lib.xla_kernel_grad_on_ynnpack, dense_lib.MIN_ROWS
+        if settings.get("dense") is not None:
+            dense_lib.MIN_ROWS = 1 if settings["dense"] else 2**62
         if settings.get("taps") is False:
             conv_lib.TAP_MIN_ROWS = 2**62
         elif settings.get("taps") is True:
@@ -141,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ) from None
             compile_s = time.perf_counter() - start
         finally:
-            conv_lib.TAP_MIN_ROWS, conv_lib.xla_kernel_grad_on_ynnpack = saved
+            conv_lib.TAP_MIN_ROWS, conv_lib.xla_kernel_grad_on_ynnpack, dense_lib.MIN_ROWS = saved
         state = [params, opt_state]
         for i in range(2):  # warm-up: first calls fault in the pages of the program's buffers
             state[0], state[1], loss = compiled(state[0], state[1], jax.random.key(i))

@@ -97,14 +97,14 @@ def _step_variants(tmp_path):
     out = tmp_path / "variants.json"
     _run(
         "step_variants.py", "--tiny", "--rounds", "2", "--variant", "base",
-        "--variant", "taps:taps=1,xla_cpu_enable_concurrency_optimized_scheduler=false",
+        "--variant", "taps:taps=1,dense=1,xla_cpu_enable_concurrency_optimized_scheduler=false",
         "--out", str(out),
     )  # fmt: skip
     report = json.loads(out.read_text())
     base, taps = report["variants"]["base"], report["variants"]["taps"]
     assert report["base"] == "base" and base["ratio_median"] == 1.0
     assert len(base["times"]) == len(taps["times"]) == 2 and min(taps["times"]) > 0
-    assert taps["settings"] == {"taps": True}
+    assert taps["settings"] == {"taps": True, "dense": True}
     assert taps["compiler_options"] == {"xla_cpu_enable_concurrency_optimized_scheduler": "False"}
     # a bad variant is refused before anything compiles
     proc = subprocess.run(

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from diffusion_jax.models.conv import Conv
+from diffusion_jax.models.dense import Dense
 from diffusion_jax.models.layers import (
     check_timesteps,
     default_init,
@@ -85,7 +86,9 @@ class ResBlock(nn.Module):
             self.out_ch, (3, 3), kernel_init=default_init(0.0), name="conv2", custom_grads=cg, **kw
         )(h)
         if x.shape[-1] != self.out_ch:
-            x = nn.Dense(self.out_ch, kernel_init=default_init(), name="nin_shortcut", **kw)(x)
+            x = Dense(
+                self.out_ch, kernel_init=default_init(), name="nin_shortcut", custom_grads=cg, **kw
+            )(x)
         return x + h
 
 
@@ -106,17 +109,18 @@ class AttnBlock(nn.Module):
         b, height, width, c = x.shape
         d = c // self.num_heads
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = group_norm(x, "norm", self.param_dtype, custom_grads=self.custom_grads)
+        cg = self.custom_grads
+        h = group_norm(x, "norm", self.param_dtype, custom_grads=cg)
 
         def heads(name: str) -> jax.Array:
-            out = nn.Dense(c, kernel_init=default_init(), name=name, **kw)(h)
+            out = Dense(c, kernel_init=default_init(), name=name, custom_grads=cg, **kw)(h)
             return out.reshape(b, height * width, self.num_heads, d)
 
         q, k, v = heads("q"), heads("k"), heads("v")
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(logits * d**-0.5, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, height, width, c)
-        out = nn.Dense(c, kernel_init=default_init(0.0), name="proj_out", **kw)(out)
+        out = Dense(c, kernel_init=default_init(0.0), name="proj_out", custom_grads=cg, **kw)(out)
         return x + out
 
 
@@ -180,9 +184,9 @@ class UNet(nn.Module):
     label ``num_classes`` is the null class and ``y = None`` means it for every example.
     ``dtype`` is the compute dtype (GroupNorm and softmax stay float32); the output is float32.
     ``remat`` recomputes each ResBlock on the backward pass to save memory. ``custom_grads`` uses
-    the hand-written backward passes of ``conv.py`` and ``norm.py`` (faster and leaner training,
-    issue 7); False gives plain flax layers with the same parameters and values, for forward-mode
-    autodiff (``jax.jvp`` / ``jax.jacfwd``), which a custom VJP does not support.
+    the hand-written backward passes of ``conv.py``, ``dense.py`` and ``norm.py`` (faster and
+    leaner training, issue 7); False gives plain flax layers with the same parameters and values,
+    for forward-mode autodiff (``jax.jvp`` / ``jax.jacfwd``), which a custom VJP does not support.
     """
 
     ch: int = 128

@@ -1,0 +1,99 @@
+"""A drop-in ``dot_general`` for ``flax.linen.Dense`` whose kernel gradient is faster on the CPU.
+
+The function computed is XLA's dot, unchanged; only the kernel-gradient program differs, and only
+when the program runs on a CPU. For ``y = x @ W`` (x [..., Ci], W [Ci, Co]) autodiff's kernel
+gradient is ``x^T @ g`` over the M = prod(x.shape[:-1]) rows. XLA's CPU backend gives YNNPACK only
+dots whose lhs contracts its last dimension, so it ran that one on Eigen, after a transposed copy of
+``g`` into which it fused ``g``'s producers (a GroupNorm backward, recomputed in transposed order).
+Here ``x^T`` (the saved input) is materialised once behind an optimization barrier and the gradient
+is the row-major ``[Ci, M] @ [M, Co]`` product, which XLA hands to YNNPACK. On the DDPM CIFAR-10
+U-Net (its ``nin_shortcut`` and attention q/k/v/proj layers) this made the whole training step 3-4%
+faster (``benchmarks/README.md``, issue 7). It is used from :data:`MIN_ROWS` rows; the time
+embedding's layers (a row per example) keep XLA's. Other backends (GPU, TPU) always take XLA's
+gradient, chosen at lowering by ``lax.platform_dependent``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+MIN_ROWS = 1024  # rows (M) of x from which the kernel gradient takes the x^T route on the CPU
+
+
+def _xla_kernel_grad(x2: jax.Array, g2: jax.Array) -> jax.Array:
+    return jnp.dot(x2.T, g2)
+
+
+def _transposed_x_kernel_grad(x2: jax.Array, g2: jax.Array) -> jax.Array:
+    # The barrier keeps x^T a materialised array: without it XLA folds the transpose back into
+    # the dot and returns to Eigen's transposed-operand contraction.
+    return jnp.dot(lax.optimization_barrier(x2.T), g2)
+
+
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _matmul_fwd(x, w):
+    return _matmul(x, w), (x, w)
+
+
+def _matmul_bwd(res, g):
+    x, w = res
+    dx = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))  # g @ W^T, as autodiff's
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    if x2.shape[0] < MIN_ROWS:
+        return dx, _xla_kernel_grad(x2, g2)
+    dw = lax.platform_dependent(x2, g2, cpu=_transposed_x_kernel_grad, default=_xla_kernel_grad)
+    return dx, dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers: Any,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """``lax.dot_general`` (same values) with a faster CPU kernel gradient for Dense's contraction.
+
+    Takes the custom gradient for ``x [..., Ci] . W [Ci, Co]`` over x's last axis (what
+    ``nn.Dense`` asks for) with equal dtypes and default precision; anything else goes to
+    ``lax.dot_general`` as is.
+    """
+    dense_dims = (((lhs.ndim - 1,), (0,)), ((), ()))
+    plain = (
+        rhs.ndim != 2
+        or lhs.ndim < 1
+        or lhs.dtype != rhs.dtype
+        or precision is not None
+        or preferred_element_type is not None
+        or kwargs
+    )
+    dims = tuple(tuple(tuple(int(d) for d in ax) for ax in pair) for pair in dimension_numbers)
+    if plain or dims != dense_dims:
+        return lax.dot_general(
+            lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs
+        )
+    return _matmul(lhs, rhs)
+
+
+def Dense(*args: Any, custom_grads: bool = True, **kwargs: Any) -> nn.Dense:  # noqa: N802
+    """``flax.linen.Dense`` using :func:`dot_general`: the same parameters and outputs.
+
+    ``custom_grads=False`` gives the plain ``nn.Dense``, which forward-mode autodiff (``jax.jvp``)
+    can go through; the custom-VJP product cannot.
+    """
+    if not custom_grads:
+        return nn.Dense(*args, **kwargs)
+    return nn.Dense(*args, dot_general=dot_general, **kwargs)

@@ -1,0 +1,145 @@
+"""models/dense.py: the same values as ``lax.dot_general``, and gradients (the CPU x^T route
+included) equal to a float64 numpy computation."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from diffusion_jax.models import dense as dense_lib
+from diffusion_jax.models.unet import AttnBlock, ResBlock
+
+SHAPES = [((6, 5), 4), ((2, 3, 4, 7), 3), ((3, 8, 2), 9)]  # (x shape, Co)
+
+
+@pytest.mark.parametrize("min_rows", [1, 10**9], ids=["x_transposed", "xla"])
+@pytest.mark.parametrize("case", range(len(SHAPES)))
+def test_values_and_gradients_match_float64(case, min_rows, monkeypatch):
+    monkeypatch.setattr(dense_lib, "MIN_ROWS", min_rows)
+    shape, co = SHAPES[case]
+    rng = np.random.default_rng(case)
+    x = rng.normal(size=shape).astype(np.float32)
+    w = rng.normal(size=(shape[-1], co)).astype(np.float32)
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+
+    def f(x, w):
+        return dense_lib.dot_general(x, w, dims)
+
+    y = jax.jit(f)(x, w)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(y), x64 @ w64, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(lax.dot_general(x, w, dims)))
+
+    g = rng.normal(size=y.shape).astype(np.float32)
+    dx, dw = jax.jit(jax.vjp(f, x, w)[1])(jnp.asarray(g))
+    g64 = g.astype(np.float64)
+    dw_ref = x64.reshape(-1, shape[-1]).T @ g64.reshape(-1, co)  # sum over rows of x^T g
+    np.testing.assert_allclose(np.asarray(dw), dw_ref, rtol=0, atol=1e-5 * np.abs(dw_ref).max())
+    np.testing.assert_allclose(np.asarray(dx), g64 @ w64.T, rtol=1e-5, atol=1e-5)
+    assert dx.shape == x.shape and dw.shape == w.shape
+
+
+def _kernel_grad_lowered(monkeypatch, min_rows):
+    monkeypatch.setattr(dense_lib, "MIN_ROWS", min_rows)
+    x = jnp.ones((4, 8, 6))
+
+    def loss(w):
+        return dense_lib.dot_general(x, w, (((2,), (0,)), ((), ()))).sum()
+
+    return jax.jit(jax.grad(loss)).lower(jnp.ones((6, 5))).as_text()
+
+
+def test_cpu_kernel_gradient_takes_materialised_x_transpose(monkeypatch):
+    """From MIN_ROWS rows the CPU program holds x^T behind an optimization barrier (so that XLA
+    cannot fold it back into a transposed-operand dot); below it, autodiff's plain x^T @ g."""
+    assert "optimization_barrier" in _kernel_grad_lowered(monkeypatch, 1)
+    assert "optimization_barrier" not in _kernel_grad_lowered(monkeypatch, 10**9)
+
+
+def test_bfloat16_stays_bfloat16_and_close_to_float32(monkeypatch):
+    monkeypatch.setattr(dense_lib, "MIN_ROWS", 1)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    w = rng.normal(size=(16, 8)).astype(np.float32)
+    g = rng.normal(size=(64, 8)).astype(np.float32)
+    ref = x.astype(np.float64).T @ g.astype(np.float64)
+    dims = (((1,), (0,)), ((), ()))
+
+    def dw(dtype):
+        f = lambda w: dense_lib.dot_general(jnp.asarray(x, dtype), w, dims)  # noqa: E731
+        out = jax.vjp(f, jnp.asarray(w, dtype))[1](jnp.asarray(g, dtype))[0]
+        assert out.dtype == dtype
+        return np.asarray(out, np.float32)
+
+    assert np.abs(dw(jnp.bfloat16) - ref).max() / np.abs(ref).max() < 2e-2  # 8 mantissa bits
+    assert np.abs(dw(jnp.float32) - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_other_contractions_fall_back_to_lax():
+    """Not Dense's contraction (or a precision asked for): lax.dot_general, values and all."""
+    a = jnp.arange(24.0).reshape(2, 3, 4)
+    b = jnp.arange(8.0).reshape(2, 4)
+    batch_dims = (((2,), (1,)), ((0,), (0,)))
+    np.testing.assert_array_equal(
+        np.asarray(dense_lib.dot_general(a, b, batch_dims)),
+        np.asarray(lax.dot_general(a, b, batch_dims)),
+    )
+    m = jnp.arange(12.0).reshape(3, 4)
+    dims = (((1,), (1,)), ((), ()))  # m @ b^T
+    np.testing.assert_array_equal(
+        np.asarray(dense_lib.dot_general(m, b, dims)), np.asarray(lax.dot_general(m, b, dims))
+    )
+    high = dense_lib.dot_general(m, b.T, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)
+    np.testing.assert_allclose(np.asarray(high), np.asarray(m @ b.T), rtol=1e-6)
+
+
+def test_dense_module_same_params_and_outputs_as_flax():
+    x = jax.random.normal(jax.random.key(0), (3, 5, 7))
+    ours, flax_dense = dense_lib.Dense(4), nn.Dense(4)
+    params = flax_dense.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(
+        jnp.shape, params
+    )
+    np.testing.assert_array_equal(
+        np.asarray(ours.apply(params, x)), np.asarray(flax_dense.apply(params, x))
+    )
+    assert dense_lib.Dense(4, custom_grads=False).dot_general is None
+
+
+class _ResAttn(nn.Module):
+    """A U-Net ResBlock that changes width (so it has a nin_shortcut), then self-attention."""
+
+    @nn.compact
+    def __call__(self, x, emb):
+        return AttnBlock()(ResBlock(64)(x, emb))
+
+
+def test_unet_blocks_gradients_unchanged_by_the_x_transposed_route(monkeypatch):
+    """The U-Net's Dense layers (nin_shortcut, attention q/k/v/proj_out): parameter and input
+    gradients through the x^T route equal autodiff's (the route off) to float32 rounding."""
+    model = _ResAttn()
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 32))
+    emb = jax.random.normal(jax.random.key(3), (2, 16))
+    params = model.init(jax.random.key(1), x, emb)["params"]
+    leaves, treedef = jax.tree.flatten(params)  # zero-initialised layers would hide gradients
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    leaves = [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    params = jax.tree.unflatten(treedef, leaves)
+
+    def grads():
+        loss = lambda p, x: jnp.sum(model.apply({"params": p}, x, emb) ** 2)  # noqa: E731
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x)
+        return lowered.compile()(params, x), lowered.as_text().count("optimization_barrier")
+
+    monkeypatch.setattr(dense_lib, "MIN_ROWS", 1)
+    ours, barriers = grads()
+    monkeypatch.setattr(dense_lib, "MIN_ROWS", 10**9)
+    ref, barriers_off = grads()
+    assert barriers == 5 and barriers_off == 0  # nin_shortcut, q, k, v, proj_out
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(ref), strict=True
+    ):
+        scale = float(jnp.abs(b).max()) + 1e-12
+        assert float(jnp.abs(a - b).max()) <= 1e-4 * scale, jax.tree_util.keystr(path)
