@@ -13,8 +13,9 @@ range). A variant is ``NAME`` or ``NAME:key=value,...`` with keys
 
 - ``taps``: 1 / 0 forces models/conv.py's per-tap kernel gradient on / off (default: the
   library's own choice, see ``conv.xla_kernel_grad_on_ynnpack``);
-- ``dense``: 1 / 0 forces models/dense.py's x^T kernel gradient for the Dense layers on / off
-  (default: from ``dense.MIN_ROWS`` rows);
+- ``dense``: 1 forces models/dense.py's x^T kernel gradient for the Dense layers at any size,
+  0 gives them autodiff's plain ``lax.dot_general`` (default: the route from ``dense.MIN_ROWS``
+  rows);
 - ``custom_grads``: 0 for ``UNet(custom_grads=False)`` (flax's GroupNorm and convolutions);
 - anything else: an XLA compiler option for this program only (``compiler_options`` of
   ``jax.jit(...).lower(...).compile``), e.g. ``xla_cpu_enable_concurrency_optimized_scheduler``.
@@ -122,9 +123,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,), jnp.int32)
         )["params"]
         opt_state = tx.init(params)
-        saved = conv_lib.TAP_MIN_ROWS, conv_lib.xla_kernel_grad_on_ynnpack, dense_lib.MIN_ROWS
-        if settings.get("dense") is not None:
-            dense_lib.MIN_ROWS = 1 if settings["dense"] else 2**62
+        saved = (
+            conv_lib.TAP_MIN_ROWS,
+            conv_lib.xla_kernel_grad_on_ynnpack,
+            dense_lib.MIN_ROWS,
+            dense_lib.dot_general,
+        )
+        if settings.get("dense") is True:
+            dense_lib.MIN_ROWS = 1
+        elif settings.get("dense") is False:
+            dense_lib.dot_general = jax.lax.dot_general
         if settings.get("taps") is False:
             conv_lib.TAP_MIN_ROWS = 2**62
         elif settings.get("taps") is True:
@@ -146,7 +154,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ) from None
             compile_s = time.perf_counter() - start
         finally:
-            conv_lib.TAP_MIN_ROWS, conv_lib.xla_kernel_grad_on_ynnpack, dense_lib.MIN_ROWS = saved
+            (
+                conv_lib.TAP_MIN_ROWS,
+                conv_lib.xla_kernel_grad_on_ynnpack,
+                dense_lib.MIN_ROWS,
+                dense_lib.dot_general,
+            ) = saved
         state = [params, opt_state]
         for i in range(2):  # warm-up: first calls fault in the pages of the program's buffers
             state[0], state[1], loss = compiled(state[0], state[1], jax.random.key(i))
