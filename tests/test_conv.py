@@ -1,6 +1,10 @@
 """models/conv.py: the same values as ``lax.conv_general_dilated``, and a kernel gradient (the CPU
 tap form included) equal to a float64 numpy computation of d(conv)/d(w)."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,3 +167,43 @@ def test_unsupported_layouts_fall_back_to_lax():
     y = conv_lib.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
     ref = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
+
+
+SHARDED = r"""
+import sys
+import jax, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from diffusion_jax.models import conv as conv_lib
+conv_lib.TAP_MIN_ROWS = 1
+conv_lib.xla_kernel_grad_on_ynnpack = lambda: True
+if sys.argv[1:] == ["no_check"]:
+    conv_lib.explicitly_sharded = lambda *arrays: False
+rng = np.random.default_rng(0)
+x = rng.normal(size=(8, 6, 6, 4)).astype(np.float32)
+w = rng.normal(size=(3, 3, 4, 4)).astype(np.float32)
+g = rng.normal(size=(8, 6, 6, 4)).astype(np.float32)
+dn = ("NHWC", "HWIO", "NHWC")
+def f(x, w):
+    return conv_lib.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
+ref = jax.vjp(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn), x, w)[1](g)
+for axis_type in (AxisType.Auto, AxisType.Explicit):
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(axis_type,))
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    args = put(x, P("data")), put(w, P()), put(g, P("data"))
+    grads = jax.jit(lambda x, w, g: jax.vjp(f, x, w)[1](g))
+    for a, b in zip(grads(*args), ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    taps = "optimization_barrier" in grads.lower(*args).as_text()
+    assert taps == (axis_type == AxisType.Auto), (axis_type, taps)
+print("ok")
+"""
+
+
+def test_sharded_batch_auto_and_explicit():
+    """Batch sharded over 4 (fake CPU) devices: the same gradients; the taps under automatic
+    sharding, XLA's own under explicit sharding (the taps' dots would need an output sharding)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -1,6 +1,10 @@
 """models/dense.py: the same values as ``lax.dot_general``, and gradients (the CPU x^T route
 included) equal to a float64 numpy computation."""
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -143,3 +147,41 @@ def test_unet_blocks_gradients_unchanged_by_the_x_transposed_route(monkeypatch):
     ):
         scale = float(jnp.abs(b).max()) + 1e-12
         assert float(jnp.abs(a - b).max()) <= 1e-4 * scale, jax.tree_util.keystr(path)
+
+
+SHARDED = r"""
+import jax, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from diffusion_jax.models import dense as dense_lib
+dense_lib.MIN_ROWS = 1
+rng = np.random.default_rng(0)
+x = rng.normal(size=(8, 4, 4, 8)).astype(np.float32)
+w = rng.normal(size=(8, 6)).astype(np.float32)
+g = rng.normal(size=(8, 4, 4, 6)).astype(np.float32)
+dw_ref = x.reshape(-1, 8).astype(np.float64).T @ g.reshape(-1, 6).astype(np.float64)
+def f(x, w):
+    return dense_lib.dot_general(x, w, (((3,), (0,)), ((), ())))
+for axis_type in (AxisType.Auto, AxisType.Explicit):
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(axis_type,))
+    for w_spec in (P(), P("data")):  # a replicated kernel, and one sharded as FSDP shards it
+        put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+        args = put(x, P("data")), put(w, w_spec), put(g, P("data"))
+        grads = jax.jit(lambda x, w, g: jax.vjp(f, x, w)[1](g))
+        dx, dw = grads(*args)
+        np.testing.assert_allclose(np.asarray(dw), dw_ref, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(dx), g @ w.T, rtol=1e-5, atol=1e-4)
+        route = "optimization_barrier" in grads.lower(*args).as_text()
+        assert route == (axis_type == AxisType.Auto), (axis_type, w_spec, route)
+print("ok")
+"""
+
+
+def test_sharded_batch_auto_and_explicit():
+    """Batch sharded over 4 (fake CPU) devices, the kernel replicated or sharded: the same
+    gradients; the x^T route under automatic sharding, autodiff's under explicit sharding (whose
+    dots need an output sharding that autodiff's rule supplies)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

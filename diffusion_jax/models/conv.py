@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from diffusion_jax.models.layers import explicitly_sharded
+
 TAP_MIN_ROWS = 8192  # batch * H_out * W_out from which the per-tap matmuls beat XLA's (CPU)
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lax specs of NHWC / HWIO / NHWC
 
@@ -112,7 +114,8 @@ def _conv_bwd(strides, pad, res, g):
         return jax.vjp(lambda w: _xla_conv(x, w, strides, pad), w)[1](g)[0]
 
     few_rows = g.shape[0] * g.shape[1] * g.shape[2] < TAP_MIN_ROWS
-    if strides != (1, 1) or few_rows or not xla_kernel_grad_on_ynnpack():
+    plain = strides != (1, 1) or few_rows or explicitly_sharded(x, w, g)
+    if plain or not xla_kernel_grad_on_ynnpack():
         return dx, xla_kernel_grad(x, g)
     dw = lax.platform_dependent(
         x,

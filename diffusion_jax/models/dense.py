@@ -10,8 +10,9 @@ is a row-major ``[Ci, M] @ [M, Co]`` that XLA hands to YNNPACK and ``g`` is neve
 DDPM CIFAR-10 U-Net (its ``nin_shortcut`` and attention q/k/v/proj_out layers) the training step
 got 3.6% (batch 8) and 4.3% (batch 32) faster against autodiff's (``benchmarks/README.md``, issue
 7). It is used from :data:`MIN_ROWS` rows (M); the time embedding's layers (a row per example)
-get the plain ``x^T @ g``, as do other backends (GPU, TPU) at any size, chosen at lowering by
-``lax.platform_dependent``.
+get autodiff's gradient, as do other backends (GPU, TPU) at any size, chosen at lowering by
+``lax.platform_dependent``, and arrays under explicit sharding (``AxisType.Explicit``), whose
+output sharding autodiff's rule knows.
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from diffusion_jax.models.layers import explicitly_sharded
+
 MIN_ROWS = 1024  # rows M of x from which the CPU kernel gradient takes the x^T route (not tuned)
-
-
-def _xla_kernel_grad(x2: jax.Array, g2: jax.Array) -> jax.Array:
-    return jnp.dot(x2.T, g2)
 
 
 def _transposed_x_kernel_grad(x2: jax.Array, g2: jax.Array) -> jax.Array:
@@ -37,22 +36,33 @@ def _transposed_x_kernel_grad(x2: jax.Array, g2: jax.Array) -> jax.Array:
     return jnp.dot(lax.optimization_barrier(x2.T), g2)
 
 
-@jax.custom_vjp
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+def _dense_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    return _dense_dot(x, w)
+
+
 def _matmul_fwd(x, w):
-    return _matmul(x, w), (x, w)
+    return _dense_dot(x, w), (x, w)
 
 
 def _matmul_bwd(res, g):
     x, w = res
+    rows = x.size // x.shape[-1] if x.shape[-1] else 0
+    if rows < MIN_ROWS or explicitly_sharded(x, w, g):
+        return jax.vjp(_dense_dot, x, w)[1](g)  # autodiff's own
     dx = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))  # g @ W^T, as autodiff's
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    if x2.shape[0] < MIN_ROWS:
-        return dx, _xla_kernel_grad(x2, g2)
-    dw = lax.platform_dependent(x2, g2, cpu=_transposed_x_kernel_grad, default=_xla_kernel_grad)
+
+    def autodiff_kernel_grad(x, g):
+        return jax.vjp(lambda w: _dense_dot(x, w), w)[1](g)[0]
+
+    def cpu_kernel_grad(x, g):
+        return _transposed_x_kernel_grad(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
+
+    dw = lax.platform_dependent(x, g, cpu=cpu_kernel_grad, default=autodiff_kernel_grad)
     return dx, dw
 
 
