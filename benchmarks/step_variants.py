@@ -16,7 +16,7 @@ range). A variant is ``NAME`` or ``NAME:key=value,...`` with keys
 - ``dense``: 1 forces models/dense.py's x^T kernel gradient for the Dense layers at any size,
   0 gives them autodiff's plain ``lax.dot_general`` (default: the route from ``dense.MIN_ROWS``
   rows);
-- ``custom_grads``: 0 for ``UNet(custom_grads=False)`` (flax's GroupNorm and convolutions);
+- ``custom_grads``: 0 for ``UNet(custom_grads=False)`` (flax's GroupNorm, Dense and convolutions);
 - anything else: an XLA compiler option for this program only (``compiler_options`` of
   ``jax.jit(...).lower(...).compile``), e.g. ``xla_cpu_enable_concurrency_optimized_scheduler``.
 
