@@ -170,14 +170,11 @@ def test_unsupported_layouts_fall_back_to_lax():
 
 
 SHARDED = r"""
-import sys
 import jax, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from diffusion_jax.models import conv as conv_lib
 conv_lib.TAP_MIN_ROWS = 1
 conv_lib.xla_kernel_grad_on_ynnpack = lambda: True
-if sys.argv[1:] == ["no_check"]:
-    conv_lib.explicitly_sharded = lambda *arrays: False
 rng = np.random.default_rng(0)
 x = rng.normal(size=(8, 6, 6, 4)).astype(np.float32)
 w = rng.normal(size=(3, 3, 4, 4)).astype(np.float32)
