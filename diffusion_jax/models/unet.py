@@ -114,12 +114,15 @@ class AttnBlock(nn.Module):
 
         def heads(name: str) -> jax.Array:
             out = Dense(c, kernel_init=default_init(), name=name, custom_grads=cg, **kw)(h)
-            return out.reshape(b, height * width, self.num_heads, d)
+            # One axis change per reshape: explicit sharding (AxisType.Explicit) infers each
+            # step's output sharding but refuses a merge and a split in one reshape.
+            return out.reshape(b, height * width, c).reshape(b, height * width, self.num_heads, d)
 
         q, k, v = heads("q"), heads("k"), heads("v")
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(logits * d**-0.5, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, height, width, c)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, height * width, c)
+        out = out.reshape(b, height, width, c)
         out = Dense(c, kernel_init=default_init(0.0), name="proj_out", custom_grads=cg, **kw)(out)
         return x + out
 
