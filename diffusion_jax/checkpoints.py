@@ -170,8 +170,8 @@ def check_storage(workdir: epath.PathLike) -> None:
         missing.append("google-cloud-storage")
     if missing:
         raise ImportError(
-            f"workdir {path} needs {' and '.join(missing)}: pip install gcsfs (it brings "
-            "google-cloud-storage too). Credentials come from the TPU VM's service account or "
+            f"workdir {path} needs {' and '.join(missing)}: pip install gcsfs, or the gcs extra "
+            "(pip install 'diffusion_jax[gcs]'; gcsfs brings google-cloud-storage too). Credentials come from the TPU VM's service account or "
             "`gcloud auth application-default login`."
         )
 

@@ -173,7 +173,9 @@ def test_bucket_workdirs_fail_early_naming_what_to_install(monkeypatch):
     with pytest.raises(ValueError, match="only local .* and gs:// buckets"):
         checkpoints.check_storage("s3://bucket/run")
     monkeypatch.setattr(checkpoints, "_installed", lambda module: False)
-    with pytest.raises(ImportError, match="gcsfs and google-cloud-storage: pip install gcsfs"):
+    with pytest.raises(
+        ImportError, match="gcsfs and google-cloud-storage: pip install gcsfs, or the gcs extra"
+    ):
         checkpoints.check_storage("gs://bucket/run")
     checkpoints.check_storage("/tmp/run")
 
@@ -235,12 +237,14 @@ def check_train_args(args: list[str]) -> None:
 def test_readme_tpu_gpu_section_has_the_commands():
     text = "\n".join(section_commands())
     for needle in (
-        'pip install -e ".[tpu]"', 'pip install -e ".[cuda12]"', "python -m diffusion_jax.env",
+        'pip install -e ".[tpu,gcs]"', 'pip install -e ".[cuda12,gcs]"', "python -m diffusion_jax.env",
         "--worker=all", "sbatch scripts/slurm_gpu.sbatch", "--coordinator_address=",
         "gs://", "--config.profile.num_steps=", "--xla_dump_to",
     ):  # fmt: skip
         assert needle in text, needle
-    for extra in re.findall(r"\.\[(\w+)\]", text):
+    extras = [e for group in re.findall(r"\.\[([\w,]+)\]", text) for e in group.split(",")]
+    assert "gcs" in extras, extras
+    for extra in extras:
         assert f"\n{extra} = " in (ROOT / "pyproject.toml").read_text(), extra
 
 
