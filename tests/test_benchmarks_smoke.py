@@ -124,7 +124,19 @@ def _step_variants(tmp_path):
     assert "xla_cpu_no_such_option" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def _conv_forms(tmp_path):
+    out = tmp_path / "forms.json"
+    stdout = _run("conv_forms.py", "--tiny", "--out", str(out))
+    report = json.loads(out.read_text())
+    forms = report["forms"]
+    assert {"lax", "flat9", "rows3", "batch2", "batch4", "cout2"} <= set(forms)
+    assert all(len(f["times"]) == 2 and f["median_s"] > 0 for f in forms.values())
+    assert all(f["max_rel_error"] < 1e-5 for f in forms.values()), forms  # one function, all forms
+    assert "rows3" in stdout
+
+
 SMOKE = {
+    "conv_forms.py": _conv_forms,
     "step_variants.py": _step_variants,
     "unet_vs_diffusers.py": _unet_vs_diffusers,
     "conv_kernels.py": _conv_kernels,
