@@ -39,10 +39,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-_CHILD = "DIFFUSION_JAX_CONV_FORMS_CHILD"
 
-
-def forms(batch: int, channels: int) -> dict[str, Any]:
+def forms() -> dict[str, Any]:
     """Form name -> f(x [B, H, W, C], w [3, 3, C, C]) -> [B, H, W, C], all un-jitted."""
     import jax.numpy as jnp
     from jax import lax
@@ -70,13 +68,10 @@ def forms(batch: int, channels: int) -> dict[str, Any]:
         return sum(x3[:, i : i + h] @ w[i].reshape(3 * c, -1) for i in range(3))
 
     def split(parts):
-        return lambda x, w: jnp.concatenate(
-            [conv(x[k * batch // parts : (k + 1) * batch // parts], w) for k in range(parts)], 0
-        )
+        return lambda x, w: jnp.concatenate([conv(p, w) for p in jnp.split(x, parts)], 0)
 
     def cout2(x, w):
-        half = channels // 2
-        return jnp.concatenate([conv(x, w[..., :half]), conv(x, w[..., half:])], -1)
+        return jnp.concatenate([conv(x, half) for half in jnp.split(w, 2, axis=-1)], -1)
 
     return {"lax": conv, "flat9": flat9, "rows3": rows3, "batch2": split(2), "batch4": split(4),
             "cout2": cout2}  # fmt: skip
@@ -92,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     w = (rng.normal(size=(3, 3, c, c)) / np.sqrt(9 * c)).astype(np.float32)
     calls = {
         name: (jax.jit(f), (jax.numpy.asarray(x), jax.numpy.asarray(w)))
-        for name, f in forms(b, c).items()
+        for name, f in forms().items()
     }
     ref = np.asarray(calls["lax"][0](*calls["lax"][1]), np.float64)
     scale = float(np.abs(ref).max())
@@ -154,11 +149,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny:
         args.batch, args.size, args.channels, args.rounds = 4, 8, 8, 2
-    if not os.environ.get(_CHILD):
-        from unet_vs_diffusers import worker_env
+    from unet_vs_diffusers import reexec_with_env
 
-        env = dict(worker_env(not args.no_malloc_tunables, not args.no_xla_flags), **{_CHILD: "1"})
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+    reexec_with_env(__file__, not args.no_malloc_tunables, not args.no_xla_flags)
     report = run(args)
     print(
         f"forward 3x3 conv {report['shape']}, cores {report['cpu_affinity']}, load {report['load']}"

@@ -40,8 +40,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-_CHILD = "DIFFUSION_JAX_STEP_VARIANTS_CHILD"
-
 
 def parse_variant(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """'name:k=v,...' -> (name, model/gradient settings, XLA compiler options)."""
@@ -64,16 +62,6 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
                 low, int(value) if value.isdigit() else value
             )
     return name, settings, options
-
-
-def _reexec_with_env(args: argparse.Namespace) -> None:
-    """Start this script again with the benchmark environment, unless this is that run."""
-    if os.environ.get(_CHILD):
-        return
-    from unet_vs_diffusers import worker_env
-
-    env = dict(worker_env(not args.no_malloc_tunables, not args.no_xla_flags), **{_CHILD: "1"})
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -250,7 +238,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.batch < 1 or args.rounds < 1:
         raise SystemExit("step_variants.py: --batch and --rounds must be at least 1.")
     if argv is None:
-        _reexec_with_env(args)
+        from unet_vs_diffusers import reexec_with_env
+
+        reexec_with_env(__file__, not args.no_malloc_tunables, not args.no_xla_flags)
     rep = run(args)
     print_report(rep)
     if args.out:

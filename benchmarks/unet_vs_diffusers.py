@@ -530,6 +530,18 @@ def worker_env(malloc_tunables: bool, xla_flags: bool) -> dict[str, str]:
     return env
 
 
+_REEXECED = "DIFFUSION_JAX_BENCHMARK_REEXECED"
+
+
+def reexec_with_env(script: str, malloc_tunables: bool, xla_flags: bool) -> None:
+    """Start ``script`` again, with this process's arguments, in :func:`worker_env`'s environment
+    (malloc and XLA settings must be set before the process starts), unless this is that run."""
+    if os.environ.get(_REEXECED):
+        return
+    env = dict(worker_env(malloc_tunables, xla_flags), **{_REEXECED: "1"})
+    os.execve(sys.executable, [sys.executable, os.path.abspath(script), *sys.argv[1:]], env)
+
+
 def run_parent(args: argparse.Namespace) -> dict[str, Any]:
     env = worker_env(
         not args.no_malloc_tunables, xla_flags=args.device == "cpu" and not args.no_xla_flags
