@@ -171,7 +171,8 @@ def check_storage(workdir: epath.PathLike) -> None:
     if missing:
         raise ImportError(
             f"workdir {path} needs {' and '.join(missing)}: pip install gcsfs, or the gcs extra "
-            "(pip install 'diffusion_jax[gcs]'; gcsfs brings google-cloud-storage too). Credentials come from the TPU VM's service account or "
+            "(pip install 'diffusion_jax[gcs]'; gcsfs brings google-cloud-storage too). "
+            "Credentials come from the TPU VM's service account or "
             "`gcloud auth application-default login`."
         )
 

@@ -96,11 +96,8 @@ def explicitly_sharded(*arrays: jax.Array) -> bool:
     The hand-written CPU gradients contract sharded axes with plain dots, which explicit sharding
     refuses without an output sharding; there they defer to autodiff's rules, which carry one.
     """
-    typeof = getattr(jax, "typeof", None)  # with sharding in types; absent from old JAX
-    if typeof is None:
-        return False
     for a in arrays:
-        spec = getattr(getattr(typeof(a), "sharding", None), "spec", None) or ()
+        spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None) or ()
         if any(axis is not None for axis in spec):
             return True
     return False
