@@ -1,6 +1,6 @@
 """Input-pipeline throughput (images/s) for image folders, tensorflow-datasets and the built-ins.
 
-    python benchmarks/input_pipeline.py [--num-images 512] [--batches 40]
+    python -m benchmarks.input_pipeline [--num-images 512] [--batches 40]
 
 Writes ``--num-images`` random-texture 32x32 RGB PNGs to a temporary folder and builds the same
 images as an array_record tfds dataset there (plus as many smooth 128x128 JPEGs, resized to 64x64,

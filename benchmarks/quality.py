@@ -1,8 +1,8 @@
 r"""Sample quality and bits/dim of the default digits model, per sampler and number of steps.
 
-    python benchmarks/quality.py                                   # the full default budget
-    python benchmarks/quality.py --train_steps 300 --bpd_examples 32 --workdir /tmp/q300
-    python benchmarks/quality.py --tiny --workdir /tmp/qtiny     # smoke test: configs/tiny.py, seconds
+    python -m benchmarks.quality                                   # the full default budget
+    python -m benchmarks.quality --train_steps 300 --bpd_examples 32 --workdir /tmp/q300
+    python -m benchmarks.quality --tiny --workdir /tmp/qtiny     # smoke test: configs/tiny.py, seconds
 
 Trains ``configs/digits.py`` (the default: a class-conditional U-Net on the 8x8 digits) for
 ``--train_steps`` batches (default: the config's) through
@@ -30,12 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # for `from configs import digits`
 
 RUNS = [("ddpm", 1000)] + [(s, n) for s in ("ddim", "heun", "dpm_solver_2m") for n in (10, 25, 50)]
 

@@ -1,6 +1,6 @@
 """Compile time of a sampling chain versus its number of steps (it should not grow).
 
-    python benchmarks/sampler_compile.py          # --tiny: a smoke test (8x8, batch 1, 2 samplers)
+    python -m benchmarks.sampler_compile          # --tiny: a smoke test (8x8, batch 1, 2 samplers)
 
 Prints a table: sampler, steps, compile seconds (lower + compile), run seconds, for a small U-Net
 (ch=32, ch_mult=(1, 2), one res block, attention at 8x8) on 16x16x1 images, batch 4.

@@ -2,9 +2,9 @@
 
     pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu  # CPU-only boxes
     pip install -e ".[bench]"                    # diffusers (and torch, if not installed above)
-    python benchmarks/unet_vs_diffusers.py --out /tmp/unet_vs_diffusers.json
-    python benchmarks/unet_vs_diffusers.py --quick --chain_steps 50   # fewer rounds and cases
-    python benchmarks/unet_vs_diffusers.py --quick --tiny             # smoke test: tiny net, seconds
+    python -m benchmarks.unet_vs_diffusers --out /tmp/unet_vs_diffusers.json
+    python -m benchmarks.unet_vs_diffusers --quick --chain_steps 50   # fewer rounds and cases
+    python -m benchmarks.unet_vs_diffusers --quick --tiny             # smoke test: tiny net, seconds
 
 A plain ``pip install torch`` pulls several GB of CUDA packages; on a CPU-only machine take the CPU
 wheel from the index above (on the project's dev box ``pip install torch==2.13.0`` finds a CPU build
@@ -64,29 +64,10 @@ import sys
 import time
 from typing import Any
 
+from benchmarks.common import model_settings, worker_env
+
 PARAMS_CIFAR10 = 35_746_307
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # for diffusion_jax and configs from a checkout
 GPU_INNER = 10  # GPU steps per timed call by default: one step is near the dispatch cost
-
-
-def model_settings(tiny: bool) -> dict[str, Any]:
-    """Our UNet's settings: configs/cifar10.py's, or a tiny net for smoke tests."""
-    if tiny:
-        return dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1)
-    import ml_collections  # noqa: F401  (configs import it)
-
-    from configs import cifar10
-
-    m = cifar10.get_config().model
-    return dict(
-        ch=m.ch,
-        ch_mult=tuple(m.ch_mult),
-        num_res_blocks=m.num_res_blocks,
-        attn_resolutions=tuple(m.attn_resolutions),
-        dropout=m.dropout,
-    )
 
 
 # ----------------------------------------------------------------------------- timing helpers
@@ -467,7 +448,7 @@ def worker_main(args: argparse.Namespace) -> None:
 
 class Worker:
     def __init__(self, kind: str, args: argparse.Namespace, env: dict[str, str]):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--device", args.device]
+        cmd = [sys.executable, "-m", __spec__.name, "--worker", kind, "--device", args.device]
         if args.tiny:
             cmd.append("--tiny")
         if args.torch_compile:
@@ -517,31 +498,6 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def worker_env(malloc_tunables: bool, xla_flags: bool) -> dict[str, str]:
-    """This process's environment for a benchmark worker: with diffusion_jax.env's malloc settings
-    (one arena, no mmap, no trimming) and, where that module suggests it, its CPU XLA flags."""
-    from diffusion_jax.env import CPU_MALLOC_TUNABLES, CPU_XLA_FLAGS, cpu_xla_flags_hint
-
-    env = dict(os.environ)
-    if malloc_tunables:
-        env["GLIBC_TUNABLES"] = CPU_MALLOC_TUNABLES
-    if xla_flags and cpu_xla_flags_hint("cpu"):  # a jaxlib it was measured on, not set by the user
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + CPU_XLA_FLAGS).strip()
-    return env
-
-
-_REEXECED = "DIFFUSION_JAX_BENCHMARK_REEXECED"
-
-
-def reexec_with_env(script: str, malloc_tunables: bool, xla_flags: bool) -> None:
-    """Start ``script`` again, with this process's arguments, in :func:`worker_env`'s environment
-    (malloc and XLA settings must be set before the process starts), unless this is that run."""
-    if os.environ.get(_REEXECED):
-        return
-    env = dict(worker_env(malloc_tunables, xla_flags), **{_REEXECED: "1"})
-    os.execve(sys.executable, [sys.executable, os.path.abspath(script), *sys.argv[1:]], env)
-
-
 def run_parent(args: argparse.Namespace) -> dict[str, Any]:
     env = worker_env(
         not args.no_malloc_tunables, xla_flags=args.device == "cpu" and not args.no_xla_flags
@@ -550,7 +506,7 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
     ours = Worker("jax", args, env)
     theirs = Worker("torch", args, env) if with_torch else None
     report: dict[str, Any] = {
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "command": " ".join([os.path.basename(sys.executable), "-m", __spec__.name, *sys.argv[1:]]),
         "device": args.device,
         "tiny": args.tiny,
         "malloc_tunables": not args.no_malloc_tunables,
