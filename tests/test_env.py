@@ -97,19 +97,18 @@ def test_cpu_xla_flags_hint_only_where_verified_and_unset(monkeypatch):
 
 _CONV_PROBE = """
 import json, jax, jax.numpy as jnp
-from diffusion_jax.models.conv import (
-    _ynn_fused_convolutions, conv_general_dilated, xla_kernel_grad_on_ynnpack)
+from diffusion_jax.env import ynn_fused_convolutions
 x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
 w = jax.random.normal(jax.random.key(1), (3, 3, 32, 32)) / 17
 def loss(x, w):
-    y = conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    dn = ("NHWC", "HWIO", "NHWC")
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
     return jnp.sum(jnp.sin(y))
 f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 hlo = f.lower(x, w).compile().as_text()
 v, (dx, dw) = f(x, w)
 print(json.dumps({"v": float(v), "dx": dx.ravel().tolist(), "dw": dw.ravel().tolist(),
-                  "ynn_convs": _ynn_fused_convolutions(hlo),
-                  "probe": xla_kernel_grad_on_ynnpack()}))
+                  "ynn_convs": ynn_fused_convolutions(hlo)}))
 """
 
 
@@ -118,9 +117,9 @@ print(json.dumps({"v": float(v), "dx": dx.ravel().tolist(), "dw": dw.ravel().tol
     reason="the flag is only suggested for verified jaxlib versions",
 )
 def test_cpu_xla_flag_is_accepted_and_keeps_the_values():
-    """The suggested flag parses (XLA aborts on unknown flags), takes convolutions off YNNPACK (and
-    with them models/conv.py's tap kernel gradient) and leaves a convolution's value and gradients
-    as they were, up to float32 rounding."""
+    """The suggested flag parses (XLA aborts on unknown flags), takes convolutions off YNNPACK
+    (:func:`ynn_fused_convolutions` finds none in the compiled value and gradient) and leaves a
+    convolution's value and gradients as they were, up to float32 rounding."""
     outs = {}
     for flags in ("", CPU_XLA_FLAGS):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
@@ -133,8 +132,31 @@ def test_cpu_xla_flag_is_accepted_and_keeps_the_values():
     for key in ("v", "dx", "dw"):
         np.testing.assert_allclose(flagged[key], plain[key], rtol=1e-5, atol=1e-5)
     assert flagged["ynn_convs"] == 0, flagged["ynn_convs"]
-    # models/conv.py takes its tap kernel gradient only where XLA's would run on YNNPACK
-    assert flagged["probe"] is False
-    assert plain["probe"] is (plain["ynn_convs"] > 0)
     if plain["ynn_convs"] == 0:  # YNNPACK takes no convolutions on this CPU: the flag is a no-op
         pytest.skip("YNNPACK takes no convolutions on this CPU; values checked only")
+
+
+def test_ynn_fused_convolutions_counts_convolutions_inside_ynnpack_fusions():
+    """On a hand-written HLO text: a convolution called from a YNNPACK fusion counts, one in a
+    plain fusion or a YNNPACK fusion of a dot does not."""
+    hlo = """
+%ynn_conv (p0: f32[1,4,4,2], p1: f32[3,3,2,2]) -> f32[1,4,4,2] {
+  ROOT %c = f32[1,4,4,2]{3,2,1,0} convolution(%p0, %p1), window={size=3x3}
+}
+
+%ynn_dot (p0: f32[2,2], p1: f32[2,2]) -> f32[2,2] {
+  ROOT %d = f32[2,2]{1,0} dot(%p0, %p1)
+}
+
+%loop_conv (p0: f32[1,4,4,2], p1: f32[3,3,2,2]) -> f32[1,4,4,2] {
+  ROOT %c = f32[1,4,4,2]{3,2,1,0} convolution(%p0, %p1), window={size=3x3}
+}
+
+ENTRY %main (a: f32[1,4,4,2], b: f32[3,3,2,2], m: f32[2,2]) -> f32[1,4,4,2] {
+  %ynn_fusion = f32[1,4,4,2]{3,2,1,0} fusion(%a, %b), kind=kCustom, calls=%ynn_conv
+  %ynn_fusion.1 = f32[2,2]{1,0} fusion(%m, %m), kind=kCustom, calls=%ynn_dot
+  ROOT %fusion = f32[1,4,4,2]{3,2,1,0} fusion(%a, %b), kind=kLoop, calls=%loop_conv
+}
+"""
+    assert env_lib.ynn_fused_convolutions(hlo) == 1
+    assert env_lib.ynn_fused_convolutions(hlo.replace("calls=%ynn_conv", "calls=%ynn_dot")) == 0
