@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_models import check_forward_mode
 
 import diffusion_jax as dj
 from diffusion_jax.models import NoisyClassifier
@@ -108,3 +109,13 @@ def test_trained_noisy_classifier_guides_the_sampler():
             jnp.mean(x[:, :, 4:].mean(axis=(1, 2, 3)) > x[:, :, :4].mean(axis=(1, 2, 3)))
         )
         assert expect[0] <= frac_right <= expect[1], (scale, frac_right)
+
+
+def test_noisy_classifier_forward_mode_equals_reverse_mode(monkeypatch):
+    """jax.jvp / jax.jacfwd through the classifier (ResBlocks, attention, downsampling, pooling)
+    give plain reverse mode's directional derivatives (``test_models.check_forward_mode``)."""
+    model = NoisyClassifier(num_classes=3, ch=32, ch_mult=(1, 2), attn_resolutions=(4,))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    t = jnp.array([5, 80])
+    params = jax.jit(model.init)(jax.random.key(1), x, t)["params"]
+    check_forward_mode(lambda p, x: model.apply({"params": p}, x, t), params, x, monkeypatch)

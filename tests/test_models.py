@@ -8,8 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jex_core
 
 from diffusion_jax.models import MLPDenoiser, UNet, timestep_embedding
+from diffusion_jax.models.unet import AttnBlock
+from diffusion_jax.ops import dense as dense_lib
 
 TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
 ONE_LEVEL = dict(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
@@ -263,31 +266,157 @@ def test_unet_remat_same_output_and_gradients():
     chex.assert_trees_all_close(grads_r, grads, rtol=1e-4, atol=1e-6)
 
 
-def test_unet_custom_grads_off_same_params_and_values_and_forward_mode_autodiff():
-    """custom_grads=False: the same param tree and outputs; jax.jvp goes through it, and its
-    directional derivative equals <grad, v> from the custom backward passes (custom_grads=True),
-    through which jax.jvp cannot go (a custom VJP)."""
-    kwargs = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
-    custom, plain = UNet(**kwargs), UNet(**kwargs, custom_grads=False)
-    x, t = batch((2, 8, 8, 3))
-    params = random_params(custom, x, t)
-    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
-        jnp.shape, jax.eval_shape(lambda: plain.init(jax.random.key(0), x, t))["params"]
+# ----------------------------------------------------------------------------- forward mode
+
+
+def check_forward_mode(apply, params, x, monkeypatch, seed=0, rtol=1e-4):
+    """jax.jvp and jax.jacfwd through ``apply(params, x)`` give the directional derivatives of
+    plain autodiff's reverse mode: for f(p, x) = sum(w * apply(p, x)) and random directions vp
+    (every parameter) and vx, jacfwd of c -> f(p + c0 vp, x + c1 vx) at 0 is
+    [<df/dp, vp>, <df/dx, vx>] and jvp along (vp, vx) is their sum. Reverse mode runs with the
+    Dense layers' x^T route off (autodiff's own gradient), forward mode with it on in every
+    Dense layer (the CPU route at any size), so the two share no hand-written derivative."""
+    kw, kx, kp = jax.random.split(jax.random.key(seed), 3)
+    w = jax.random.normal(kw, jax.eval_shape(apply, params, x).shape)
+    vx = jax.random.normal(kx, x.shape)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(kp, len(leaves))
+    vp_leaves = [jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
+    vp = jax.tree.unflatten(treedef, vp_leaves)
+
+    def f(p, x):
+        return jnp.sum(w * apply(p, x))
+
+    def along(c):
+        return f(jax.tree.map(lambda p, v: p + c[0] * v, params, vp), x + c[1] * vx)
+
+    monkeypatch.setattr(dense_lib, "MIN_ROWS", 10**9)
+    gp, gx = jax.jit(jax.grad(f, argnums=(0, 1)))(params, x)
+    monkeypatch.setattr(dense_lib, "MIN_ROWS", 1)
+    gp_leaves = treedef.flatten_up_to(gp)
+    reverse = np.array(
+        [
+            sum(float(jnp.vdot(g, v)) for g, v in zip(gp_leaves, vp_leaves, strict=True)),
+            float(jnp.vdot(gx, vx)),
+        ]
     )
-    out = custom.apply({"params": params}, x, t)
-    np.testing.assert_allclose(plain.apply({"params": params}, x, t), out, rtol=1e-5, atol=1e-5)
+    jacobian = jax.jit(jax.jacfwd(along))(jnp.zeros(2))
+    _, tangent = jax.jit(lambda p, x: jax.jvp(f, (p, x), (vp, vx)))(params, x)
+    scale = np.abs(reverse).max()
+    assert scale > 1e-3, reverse  # directional derivatives that are not zero by construction
+    np.testing.assert_allclose(np.asarray(jacobian), reverse, rtol=0, atol=rtol * scale)
+    np.testing.assert_allclose(float(tangent), reverse.sum(), rtol=0, atol=rtol * scale)
 
-    w = jax.random.normal(jax.random.key(7), out.shape)
-    v = jax.random.normal(jax.random.key(8), x.shape)
 
-    def scalar(model):
-        return lambda x: jnp.sum(model.apply({"params": params}, x, t) * w)
+def test_unet_forward_mode_equals_reverse_mode(monkeypatch):
+    """jax.jvp / jax.jacfwd through the U-Net (ResBlocks, attention, resampling)."""
+    model = UNet(**TINY, num_heads=2)
+    x, t = batch((2, 8, 8, 3))
+    params = random_params(model, x, t)
+    check_forward_mode(lambda p, x: model.apply({"params": p}, x, t), params, x, monkeypatch)
 
-    _, forward_mode = jax.jvp(scalar(plain), (x,), (v,))
-    reverse_mode = jnp.sum(jax.grad(scalar(custom))(x) * v)
-    np.testing.assert_allclose(forward_mode, reverse_mode, rtol=1e-4)
-    with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(scalar(custom), (x,), (v,))
+
+# ----------------------------------------------------------------------------- attention
+
+
+def numpy_group_norm(x, scale, bias, groups=32, eps=1e-6):
+    """float64 GroupNorm over H, W and each group's channels, two-pass variance."""
+    b, c = x.shape[0], x.shape[-1]
+    xg = x.reshape(b, -1, groups, c // groups)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    return ((xg - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+def test_attention_block_matches_float64_numpy():
+    """AttnBlock (2 heads of d = 32) against a float64 numpy transcription: GroupNorm, q/k/v,
+    softmax(q k^T / sqrt(d)) per head, the weighted sum of v, proj_out, residual."""
+    block = AttnBlock(num_heads=2)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 64))
+    shapes = jax.eval_shape(lambda: block.init(jax.random.key(0), x))["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32) / 4, shapes)
+    out = jax.jit(lambda p, x: block.apply({"params": p}, x))(params, x)
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    x64 = np.asarray(x, np.float64)
+    h = numpy_group_norm(x64, p["norm"]["scale"], p["norm"]["bias"]).reshape(2, 16, 64)
+
+    def dense(name, v):
+        return v @ p[name]["kernel"] + p[name]["bias"]
+
+    q, k, v = (dense(n, h).reshape(2, 16, 2, 32) for n in ("q", "k", "v"))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(32)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    attended = np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(2, 16, 64)
+    want = x64 + dense("proj_out", attended).reshape(x.shape)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- bfloat16 reaches the products
+
+
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, jex_core.ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, jex_core.Jaxpr):
+                yield v
+
+
+def all_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it (jit, checkpoint, custom_jvp, cond)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in _sub_jaxprs(eqn):
+            yield from all_eqns(sub)
+
+
+def operand_dtypes(eqns, primitive):
+    """(operand dtypes, precision) of every equation of ``primitive``, as strings."""
+    return [
+        (tuple(str(v.aval.dtype) for v in e.invars), str(e.params.get("precision")))
+        for e in eqns
+        if e.primitive.name == primitive
+    ]
+
+
+def test_unet_bfloat16_reaches_every_convolution_and_matmul():
+    """UNet(dtype=bfloat16): in the jaxprs of the forward and of value_and_grad, every
+    convolution and every matmul takes bfloat16 operands, and the forward's reductions (the
+    GroupNorm statistics and the softmax's max and sum) are float32.
+
+    One exception, by design: in the backward of each attention block the two products with the
+    float32 logits' cotangent (d q = d logits @ k, d k = d logits^T @ q) take that float32
+    cotangent and a bfloat16 operand, with the BF16_BF16_F32 algorithm that
+    ``jax.nn.dot_product_attention`` asks for; that algorithm rounds both operands to bfloat16 and
+    accumulates in float32, so these too are bfloat16 products.
+    """
+    model = UNet(**TINY, dtype=jnp.bfloat16)
+    x, t = batch((2, 8, 8, 3))
+    params = abstract_params(model, x.shape)
+    attn_blocks = 4  # down_1_attn_0, mid_attn, up_1_attn_0, up_1_attn_1
+
+    def loss(p, x):
+        return jnp.mean(model.apply({"params": p}, x, t) ** 2)
+
+    forward = list(
+        all_eqns(jax.make_jaxpr(lambda p, x: model.apply({"params": p}, x, t))(params, x).jaxpr)
+    )
+    train = list(all_eqns(jax.make_jaxpr(jax.value_and_grad(loss))(params, x).jaxpr))
+    bf16 = ("bfloat16", "bfloat16")
+    mixed = (("float32", "bfloat16"), "BF16_BF16_F32")
+    for eqns, mixed_count in ((forward, 0), (train, 2 * attn_blocks)):
+        convs = operand_dtypes(eqns, "conv_general_dilated")
+        dots = operand_dtypes(eqns, "dot_general")
+        assert len(convs) >= 20 and all(d == bf16 for d, _ in convs), convs
+        assert len(dots) >= 30 and all(d == bf16 or (d, p) == mixed for d, p in dots), dots
+        assert sum((d, p) == mixed for d, p in dots) == mixed_count
+    reductions = operand_dtypes(forward, "reduce_sum") + operand_dtypes(forward, "reduce_max")
+    assert all(d == ("float32",) for d, _ in reductions), reductions
+    assert len(operand_dtypes(forward, "reduce_max")) == attn_blocks  # the softmaxes' max
 
 
 # ----------------------------------------------------------------------------- errors
@@ -401,3 +530,11 @@ def test_mlp_bfloat16_and_errors():
         MLPDenoiser().init(jax.random.key(0), x[:, :, None], t)
     with pytest.raises(ValueError, match="t must have shape"):
         MLPDenoiser().init(jax.random.key(0), x, jnp.arange(4))
+
+
+def test_mlp_forward_mode_equals_reverse_mode(monkeypatch):
+    model = MLPDenoiser(hidden=32, num_layers=2, time_embedding="learned", num_classes=3)
+    x = jax.random.normal(jax.random.key(0), (5, 2))
+    t, y = jnp.arange(5) * 100, jnp.array([0, 1, 2, 3, 0])
+    params = model.init(jax.random.key(1), x, t, y)["params"]
+    check_forward_mode(lambda p, x: model.apply({"params": p}, x, t, y), params, x, monkeypatch)

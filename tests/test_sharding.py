@@ -102,6 +102,10 @@ sample = dj.make_sampler(denoise, dj.make_schedule("linear", 1000), sampler="ddi
 keys = jax.random.split(jax.random.key(3), 2)
 ref = [np.asarray(jax.jit(sample, static_argnums=2)(params, k, shape)) for k in keys]
 ref_out, ref_grads = np.asarray(jax.jit(denoise)(params, x, t)), jax.jit(jax.grad(loss))(params, x, t)
+v = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+ref_grad_x = np.asarray(jax.jit(jax.grad(loss, argnums=1))(params, x, t))
+def directional(p, x, t, v):
+    return jax.jvp(lambda x: loss(p, x, t), (x,), (v,))
 def close(a, b, tol, what, scale=None):
     scale = float(np.max(np.abs(b))) if scale is None else scale
     err = float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / scale
@@ -131,14 +135,18 @@ for axis_type in (AxisType.Auto, AxisType.Explicit):
         grads = jax.jit(jax.grad(loss))(p, xs, ts)
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
             close(a, b, 1e-4, "explicit gradient", grad_scale)
+        # forward mode: the directional derivative along v is <d loss / d x, v>
+        _, along_v = jax.jit(directional)(p, xs, ts, jax.device_put(v, batch))
+        close(along_v, np.vdot(ref_grad_x, v), 1e-4, "explicit jvp")
 print("ok")
 """
 
 
 def test_unet_and_sampler_under_any_sharding():
     """On 4 fake CPU devices, automatic (FSDP params) and explicit (``AxisType.Explicit``) sharding:
-    the U-Net's forward and gradient on a batch-sharded input, and ``sample`` (jit with a
-    batch-sharded output, and vmap over keys) match the unsharded computation."""
+    the U-Net's forward, gradient and forward-mode directional derivative (``jax.jvp``) on a
+    batch-sharded input, and ``sample`` (jit with a batch-sharded output, and vmap over keys)
+    match the unsharded computation."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     proc = subprocess.run(
         [sys.executable, "-c", ANY_SHARDING], env=env, capture_output=True, text=True, timeout=600

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from diffusion_jax.models.conv import Conv
 from diffusion_jax.models.layers import check_timesteps, default_init, timestep_embedding
 from diffusion_jax.models.unet import AttnBlock, Downsample, ResBlock, group_norm
+from diffusion_jax.ops import Conv, Dense
 
 Dtype = Any
 
@@ -37,7 +37,6 @@ class NoisyClassifier(nn.Module):
     num_heads: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    custom_grads: bool = True  # as for UNet: False for forward-mode autodiff
 
     @nn.compact
     def __call__(self, x: ArrayLike, t: ArrayLike, *, train: bool = False) -> jax.Array:
@@ -56,25 +55,24 @@ class NoisyClassifier(nn.Module):
             )
         t = check_timesteps(t, x.shape[0])
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        ours = dict(kw, custom_grads=self.custom_grads)  # our modules; kw alone for flax's
         emb = timestep_embedding(t, self.ch)
-        emb = nn.Dense(4 * self.ch, kernel_init=default_init(), name="temb_dense0", **kw)(emb)
-        emb = nn.Dense(4 * self.ch, kernel_init=default_init(), name="temb_dense1", **kw)(
+        emb = Dense(4 * self.ch, kernel_init=default_init(), name="temb_dense0", **kw)(emb)
+        emb = Dense(4 * self.ch, kernel_init=default_init(), name="temb_dense1", **kw)(
             nn.swish(emb)
         )
-        h = Conv(self.ch, (3, 3), kernel_init=default_init(), name="conv_in", **ours)(
+        h = Conv(self.ch, (3, 3), kernel_init=default_init(), name="conv_in", **kw)(
             x.astype(self.dtype)
         )
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
-                h = ResBlock(self.ch * mult, self.dropout, name=f"down_{level}_res_{i}", **ours)(
+                h = ResBlock(self.ch * mult, self.dropout, name=f"down_{level}_res_{i}", **kw)(
                     h, emb, train
                 )
                 if h.shape[1] in self.attn_resolutions:
-                    h = AttnBlock(self.num_heads, name=f"down_{level}_attn_{i}", **ours)(h)
+                    h = AttnBlock(self.num_heads, name=f"down_{level}_attn_{i}", **kw)(h)
             if level != len(self.ch_mult) - 1:
-                h = Downsample(True, name=f"down_{level}_downsample", **ours)(h)
-        h = ResBlock(h.shape[-1], self.dropout, name="mid_res", **ours)(h, emb, train)
-        h = group_norm(h, "norm_out", self.param_dtype, swish=True, custom_grads=self.custom_grads)
+                h = Downsample(True, name=f"down_{level}_downsample", **kw)(h)
+        h = ResBlock(h.shape[-1], self.dropout, name="mid_res", **kw)(h, emb, train)
+        h = group_norm(h, "norm_out", self.param_dtype, swish=True)
         h = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
-        return nn.Dense(self.num_classes, name="logits", param_dtype=self.param_dtype)(h)
+        return Dense(self.num_classes, name="logits", param_dtype=self.param_dtype)(h)

@@ -1,5 +1,4 @@
-"""Pieces shared by the denoisers: the DDPM timestep embedding, initialisers, input checks, and
-the sharding test that the hand-written gradients (``conv.py``, ``dense.py``) use.
+"""Pieces shared by the denoisers: the DDPM timestep embedding, initialisers and input checks.
 
 ``t`` counts from 0 (0 = the paper's t = 1, least noisy); the networks only embed its value, so
 integer and float timesteps (e.g. respaced or continuous) both work.
@@ -88,16 +87,3 @@ def labels_or_null(y: ArrayLike | None, batch: int, num_classes: int | None) -> 
                 f"got values in [{lo}, {hi}]."
             )
     return y.astype(jnp.int32)
-
-
-def explicitly_sharded(*arrays: jax.Array) -> bool:
-    """Whether any array's type names a mesh axis (``AxisType.Explicit``, sharding in types).
-
-    The hand-written CPU gradients contract sharded axes with plain dots, which explicit sharding
-    refuses without an output sharding; there they defer to autodiff's rules, which carry one.
-    """
-    for a in arrays:
-        spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None) or ()
-        if any(axis is not None for axis in spec):
-            return True
-    return False

@@ -16,6 +16,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from diffusion_jax.models.layers import check_timesteps, labels_or_null, timestep_embedding
+from diffusion_jax.ops import Dense
 
 Dtype = Any
 TIME_EMBEDDINGS = ("sinusoidal", "learned", "none")
@@ -98,8 +99,8 @@ class MLPDenoiser(nn.Module):
         if self.time_embedding != "none":
             temb = timestep_embedding(t, self.hidden)
             if self.time_embedding == "learned":
-                temb = nn.Dense(self.hidden, name="temb_dense0", **kw)(temb)
-                temb = nn.Dense(self.hidden, name="temb_dense1", **kw)(nn.silu(temb))
+                temb = Dense(self.hidden, name="temb_dense0", **kw)(temb)
+                temb = Dense(self.hidden, name="temb_dense1", **kw)(nn.silu(temb))
             parts.append(temb.astype(jnp.float32))
         if y is not None:
             label_emb = nn.Embed(
@@ -107,9 +108,9 @@ class MLPDenoiser(nn.Module):
             )
             parts.append(label_emb(y))
 
-        h = nn.gelu(nn.Dense(self.hidden, name="dense_in", **kw)(jnp.concatenate(parts, axis=-1)))
+        h = nn.gelu(Dense(self.hidden, name="dense_in", **kw)(jnp.concatenate(parts, axis=-1)))
         for i in range(self.num_layers):
-            u = nn.gelu(nn.Dense(self.hidden, name=f"block_{i}", **kw)(h))
+            u = nn.gelu(Dense(self.hidden, name=f"block_{i}", **kw)(h))
             h = h + nn.Dropout(self.dropout, deterministic=not train)(u)
-        out = nn.Dense(dim * (2 if self.learn_sigma else 1), name="dense_out", **kw)(h)
+        out = Dense(dim * (2 if self.learn_sigma else 1), name="dense_out", **kw)(h)
         return out.astype(jnp.float32)

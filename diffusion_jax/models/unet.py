@@ -16,36 +16,22 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from diffusion_jax.models.conv import Conv
-from diffusion_jax.models.dense import Dense
 from diffusion_jax.models.layers import (
     check_timesteps,
     default_init,
     labels_or_null,
     timestep_embedding,
 )
-from diffusion_jax.models.norm import GroupNorm
+from diffusion_jax.ops import Conv, Dense, GroupNorm
 
 Dtype = Any
 GROUPS = 32  # GroupNorm groups, as in DDPM
 NORM_EPS = 1e-6  # GroupNorm epsilon, as in DDPM
 
 
-def group_norm(
-    x: jax.Array, name: str, param_dtype: Dtype, swish: bool = False, custom_grads: bool = True
-) -> jax.Array:
-    """GroupNorm(32, eps=1e-6) computed in float32, then swish if asked; in ``x``'s dtype.
-
-    ``custom_grads``: norm.GroupNorm's hand-written backward pass; False: flax's GroupNorm (the same
-    parameters and values) differentiated by JAX, which forward-mode autodiff can go through.
-    """
-    if custom_grads:
-        return GroupNorm(GROUPS, NORM_EPS, swish=swish, param_dtype=param_dtype, name=name)(x)
-    norm = nn.GroupNorm(
-        num_groups=GROUPS, epsilon=NORM_EPS, dtype=jnp.float32, param_dtype=param_dtype, name=name
-    )
-    h = norm(x.astype(jnp.float32))
-    return (nn.swish(h) if swish else h).astype(x.dtype)
+def group_norm(x: jax.Array, name: str, param_dtype: Dtype, swish: bool = False) -> jax.Array:
+    """GroupNorm(32, eps=1e-6) computed in float32, then swish if asked; in ``x``'s dtype."""
+    return GroupNorm(GROUPS, NORM_EPS, swish=swish, param_dtype=param_dtype, name=name)(x)
 
 
 class ResBlock(nn.Module):
@@ -60,70 +46,58 @@ class ResBlock(nn.Module):
     scale_shift: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    custom_grads: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        cg = self.custom_grads
-        h = group_norm(x, "norm1", self.param_dtype, swish=True, custom_grads=cg)
-        h = Conv(
-            self.out_ch, (3, 3), kernel_init=default_init(), name="conv1", custom_grads=cg, **kw
-        )(h)
+        h = group_norm(x, "norm1", self.param_dtype, swish=True)
+        h = Conv(self.out_ch, (3, 3), kernel_init=default_init(), name="conv1", **kw)(h)
         emb_features = 2 * self.out_ch if self.scale_shift else self.out_ch
-        emb_out = nn.Dense(emb_features, kernel_init=default_init(), name="temb_proj", **kw)(
+        emb_out = Dense(emb_features, kernel_init=default_init(), name="temb_proj", **kw)(
             nn.swish(emb)
         )[:, None, None, :]
         if self.scale_shift:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = nn.swish(
-                group_norm(h, "norm2", self.param_dtype, custom_grads=cg) * (1 + scale) + shift
-            )
+            h = nn.swish(group_norm(h, "norm2", self.param_dtype) * (1 + scale) + shift)
         else:
-            h = group_norm(h + emb_out, "norm2", self.param_dtype, swish=True, custom_grads=cg)
+            h = group_norm(h + emb_out, "norm2", self.param_dtype, swish=True)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = Conv(
-            self.out_ch, (3, 3), kernel_init=default_init(0.0), name="conv2", custom_grads=cg, **kw
-        )(h)
+        h = Conv(self.out_ch, (3, 3), kernel_init=default_init(0.0), name="conv2", **kw)(h)
         if x.shape[-1] != self.out_ch:
-            x = Dense(
-                self.out_ch, kernel_init=default_init(), name="nin_shortcut", custom_grads=cg, **kw
-            )(x)
+            x = Dense(self.out_ch, kernel_init=default_init(), name="nin_shortcut", **kw)(x)
         return x + h
 
 
 class AttnBlock(nn.Module):
     """Self-attention over the H*W positions: GroupNorm, q/k/v Dense, softmax(q k^T / sqrt(d)), proj.
 
-    Multi-head with ``num_heads`` heads of d = C / num_heads channels; residual. Logits and softmax
-    in float32. x [B, H, W, C] -> [B, H, W, C].
+    Multi-head with ``num_heads`` heads of d = C / num_heads channels; residual. The attention is
+    ``jax.nn.dot_product_attention``, whose logits and softmax are float32 whatever the compute
+    dtype (bfloat16 q and k multiplied with float32 accumulation and output; the weights go back
+    to v's dtype for the second product). x [B, H, W, C] -> [B, H, W, C].
     """
 
     num_heads: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    custom_grads: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, height, width, c = x.shape
         d = c // self.num_heads
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        cg = self.custom_grads
-        h = group_norm(x, "norm", self.param_dtype, custom_grads=cg)
+        h = group_norm(x, "norm", self.param_dtype)
 
         def heads(name: str) -> jax.Array:
-            out = Dense(c, kernel_init=default_init(), name=name, custom_grads=cg, **kw)(h)
+            out = Dense(c, kernel_init=default_init(), name=name, **kw)(h)
             # One axis change per reshape: explicit sharding (AxisType.Explicit) infers each
             # step's output sharding but refuses a merge and a split in one reshape.
             return out.reshape(b, height * width, c).reshape(b, height * width, self.num_heads, d)
 
         q, k, v = heads("q"), heads("k"), heads("v")
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits * d**-0.5, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, height * width, c)
-        out = out.reshape(b, height, width, c)
-        out = Dense(c, kernel_init=default_init(0.0), name="proj_out", custom_grads=cg, **kw)(out)
+        out = jax.nn.dot_product_attention(q, k, v)  # [B, HW, heads, d]; logits scaled by d**-0.5
+        out = out.reshape(b, height * width, c).reshape(b, height, width, c)
+        out = Dense(c, kernel_init=default_init(0.0), name="proj_out", **kw)(out)
         return x + out
 
 
@@ -133,7 +107,6 @@ class Downsample(nn.Module):
     with_conv: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    custom_grads: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -147,7 +120,6 @@ class Downsample(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="conv",
-            custom_grads=self.custom_grads,
         )
         return conv(x)
 
@@ -158,7 +130,6 @@ class Upsample(nn.Module):
     with_conv: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    custom_grads: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -172,7 +143,6 @@ class Upsample(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="conv",
-            custom_grads=self.custom_grads,
         )
         return conv(x)
 
@@ -186,10 +156,9 @@ class UNet(nn.Module):
     16x16 maps). ``num_head_channels``, when set, overrides ``num_heads``. With ``num_classes`` set,
     label ``num_classes`` is the null class and ``y = None`` means it for every example.
     ``dtype`` is the compute dtype (GroupNorm and softmax stay float32); the output is float32.
-    ``remat`` recomputes each ResBlock on the backward pass to save memory. ``custom_grads`` uses
-    the hand-written backward passes of ``conv.py``, ``dense.py`` and ``norm.py`` (faster and
-    leaner training, issue 7); False gives plain flax layers with the same parameters and values,
-    for forward-mode autodiff (``jax.jvp`` / ``jax.jacfwd``), which a custom VJP does not support.
+    ``remat`` recomputes each ResBlock on the backward pass to save memory. The layers come from
+    ``diffusion_jax.ops``, whose platform picks their gradients; reverse and forward mode
+    (``jax.grad``, ``jax.jvp`` / ``jax.jacfwd``) both go through the net.
     """
 
     ch: int = 128
@@ -207,7 +176,6 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
-    custom_grads: bool = True
 
     def _check_config(self) -> None:
         if self.ch <= 0 or self.ch % GROUPS:
@@ -289,28 +257,25 @@ class UNet(nn.Module):
         y = labels_or_null(y, batch, self.num_classes)
 
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        ours = dict(kw, custom_grads=self.custom_grads)  # our modules; kw alone for flax's
         ch, emb_ch = self.ch, 4 * self.ch
         block = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
 
         def res(h: jax.Array, out_ch: int, name: str) -> jax.Array:
-            module = block(out_ch, self.dropout, self.resblock_scale_shift, name=name, **ours)
+            module = block(out_ch, self.dropout, self.resblock_scale_shift, name=name, **kw)
             return module(h, emb, train)  # train positional: static under remat
 
         def attn(h: jax.Array, name: str) -> jax.Array:
-            return AttnBlock(self._heads(h.shape[-1]), name=name, **ours)(h)
+            return AttnBlock(self._heads(h.shape[-1]), name=name, **kw)(h)
 
         # Timestep (+ class) embedding: sinusoid -> Dense(4ch) -> swish -> Dense(4ch).
         emb = timestep_embedding(t, ch)
-        emb = nn.Dense(emb_ch, kernel_init=default_init(), name="temb_dense0", **kw)(emb)
-        emb = nn.Dense(emb_ch, kernel_init=default_init(), name="temb_dense1", **kw)(nn.swish(emb))
+        emb = Dense(emb_ch, kernel_init=default_init(), name="temb_dense0", **kw)(emb)
+        emb = Dense(emb_ch, kernel_init=default_init(), name="temb_dense1", **kw)(nn.swish(emb))
         if y is not None:
             emb = emb + nn.Embed(self.num_classes + 1, emb_ch, name="label_emb", **kw)(y)
 
         # Down path: store every output for the skip connections.
-        h = Conv(ch, (3, 3), kernel_init=default_init(), name="conv_in", **ours)(
-            x.astype(self.dtype)
-        )
+        h = Conv(ch, (3, 3), kernel_init=default_init(), name="conv_in", **kw)(x.astype(self.dtype))
         skips = [h]
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):
@@ -319,7 +284,7 @@ class UNet(nn.Module):
                     h = attn(h, f"down_{level}_attn_{i}")
                 skips.append(h)
             if level != num_levels - 1:
-                h = Downsample(self.resamp_with_conv, name=f"down_{level}_downsample", **ours)(h)
+                h = Downsample(self.resamp_with_conv, name=f"down_{level}_downsample", **kw)(h)
                 skips.append(h)
 
         # Middle: Res, Attn, Res.
@@ -335,10 +300,10 @@ class UNet(nn.Module):
                 if h.shape[1] in self.attn_resolutions:
                     h = attn(h, f"up_{level}_attn_{i}")
             if level != 0:
-                h = Upsample(self.resamp_with_conv, name=f"up_{level}_upsample", **ours)(h)
+                h = Upsample(self.resamp_with_conv, name=f"up_{level}_upsample", **kw)(h)
         assert not skips, "every skip connection is used exactly once"
 
         out_ch = (self.out_channels or in_ch) * (2 if self.learn_sigma else 1)
-        h = group_norm(h, "norm_out", self.param_dtype, swish=True, custom_grads=self.custom_grads)
-        h = Conv(out_ch, (3, 3), kernel_init=default_init(0.0), name="conv_out", **ours)(h)
+        h = group_norm(h, "norm_out", self.param_dtype, swish=True)
+        h = Conv(out_ch, (3, 3), kernel_init=default_init(0.0), name="conv_out", **kw)(h)
         return h.astype(jnp.float32)

@@ -1,12 +1,17 @@
-"""GroupNorm(+swish) with its hand-written backward pass, against float64 numpy and flax's GroupNorm."""
+"""ops/norm.py: GroupNorm(+swish) under jax.checkpoint, against float64 numpy and flax's GroupNorm,
+in reverse and forward mode; reverse mode keeps only the inputs."""
+
+import contextlib
+import io
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
-from diffusion_jax.models.norm import GroupNorm
+from diffusion_jax.ops import GroupNorm
 
 
 def np_group_norm(x, scale, bias, groups, eps, swish):
@@ -75,6 +80,58 @@ def test_gradients_match_float64_finite_differences(shape, groups, swish):
         want = (f(h) - f(-h)) / (2 * h)
         got = float(np.sum(np.asarray(g, np.float64) * v))
         assert abs(got - want) <= 1e-4 * max(1.0, abs(want)), (name, got, want)
+
+
+@pytest.mark.parametrize("swish", [False, True])
+@pytest.mark.parametrize("shape,groups", CASES[:2])
+def test_forward_mode_matches_float64_finite_differences(shape, groups, swish):
+    """jax.jvp with tangents in x, scale and bias at once, against float64 central differences of
+    the numpy forward along the same direction, elementwise."""
+    x, params = _inputs(shape, seed=4)
+    module = GroupNorm(groups, 1e-6, swish=swish)
+    rng = np.random.default_rng(1)
+    p = params["params"]
+    v = {k: rng.standard_normal(a.shape) for k, a in (("x", x), *p.items())}
+    tangents = {"params": {k: jnp.asarray(v[k], jnp.float32) for k in p}}
+    _, got = jax.jvp(
+        lambda params, x: module.apply(params, x),
+        (params, x),
+        (tangents, jnp.asarray(v["x"], jnp.float32)),
+    )
+
+    def f(t):
+        return np_group_norm(
+            np.asarray(x, np.float64) + t * v["x"],
+            np.asarray(p["scale"], np.float64) + t * v["scale"],
+            np.asarray(p["bias"], np.float64) + t * v["bias"],
+            groups,
+            1e-6,
+            swish,
+        )
+
+    h = 1e-5
+    want = (f(h) - f(-h)) / (2 * h)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=1e-3)
+
+
+def _saved_residuals(f, *args):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(f, *args)
+    return [line for line in out.getvalue().splitlines() if line]
+
+
+@pytest.mark.parametrize("dtype, short", [(jnp.float32, "f32"), (jnp.bfloat16, "bf16")])
+def test_reverse_mode_saves_only_the_inputs(dtype, short):
+    """Under jax.checkpoint the backward pass recomputes the normalisation: the residuals are x (in
+    its own dtype), scale and bias, and nothing of x's size in float32 for a bfloat16 x."""
+    x, params = _inputs((2, 4, 4, 64))
+    module = GroupNorm(32, 1e-6, swish=True)
+    saved = _saved_residuals(lambda p, x: jnp.sum(module.apply(p, x)), params, x.astype(dtype))
+    assert len(saved) == 3, saved
+    assert all("from the argument" in line for line in saved), saved
+    assert sum(line.startswith(f"{short}[2,4,4,64] ") for line in saved) == 1, saved
+    assert sum(line.startswith("f32[64]") for line in saved) == 2, saved
 
 
 @pytest.mark.parametrize("swish", [False, True])
