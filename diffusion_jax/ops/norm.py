@@ -8,6 +8,24 @@ as residuals, each a full activation written in the forward pass and read back; 
 checkpoint reverse mode keeps only the inputs (x, in its own dtype, scale and bias) and recomputes
 the elementwise forward inside the backward pass, where XLA fuses it into the passes that use it.
 Forward mode (``jax.jvp``) goes straight through.
+
+Measured against the custom-VJP GroupNorm it replaces (residuals x and the group statistics, a
+hand-written backward from two per-(example, channel) sums; issue 25), on the DDPM CIFAR-10 U-Net
+(``UNet()``, 32x32x3) training step, ``value_and_grad`` of a mean-squared loss, compiled for the
+project's 2-core CPU with ``CPU_XLA_FLAGS`` and ``CPU_MALLOC_TUNABLES`` (both versions in one
+process, steps alternated, load ~5 from other jobs on the 2 cores):
+
+    batch  GroupNorm                     XLA temporaries  bytes accessed  step median (2 runs)
+    8      custom VJP (old)              0.386 GiB         6.45 GB        4.37 s, 4.49 s
+    8      jax.checkpoint (this)         0.424 GiB         6.04 GB        4.19 s, 4.31 s
+    32     custom VJP (old)              1.645 GiB        22.97 GB        -
+    32     jax.checkpoint (this)         1.802 GiB        21.36 GB        -
+    32     plain autodiff, no checkpoint 2.144 GiB        24.60 GB        -
+
+Per-round time ratio checkpoint / custom VJP at batch 8: median 0.986 [0.876, 1.030] (8 rounds):
+no slower; 6-7% fewer bytes accessed; 9-10% more temporaries (the checkpoint still saves 0.34 GiB
+of plain autodiff's at batch 32). Saving the [B, G] statistics as well (a ``save_only_these_names``
+policy) compiled to the same program sizes. Not measured on TPU or GPU.
 """
 
 from __future__ import annotations
