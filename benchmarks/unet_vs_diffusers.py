@@ -37,8 +37,7 @@ at 10 and 1000 steps; peak memory of a training step -- ours from XLA's
 growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) over its first step
 at the largest batch (torch after a batch-1 step has made Adam's moments, which ours holds before
 its step; later batches reuse the kept heap and report none); the FLOPs of our programs (XLA's
-cost analysis of the lowered program, the training step's on ``UNet(custom_grads=False)``, as the
-analysis counts a loop body once; used for both sides as the architecture is identical)
+cost analysis of the lowered program; used for both sides as the architecture is identical)
 divided by the time, as a fraction of the best dense float32 matmul (3072^2) either framework
 reached in the same run.
 
@@ -164,9 +163,6 @@ class JaxWorker:
             return train_step
 
         self.train_step = jax.jit(make_train_step(model), donate_argnums=(0, 1))
-        # For FLOP counting only: the same step on plain flax layers (the same function), as XLA's
-        # cost analysis counts the body of conv.py's per-tap gradient loop once, not once per tap.
-        self.plain_train_step = jax.jit(make_train_step(model.clone(custom_grads=False)))
         self.forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
         self.denoise = lambda p, x, t: model.apply({"params": p}, x, t)
         self.compiled: dict[str, Any] = {}
@@ -186,7 +182,7 @@ class JaxWorker:
             self.compile_s = time.perf_counter() - t0
             self.compiled[key] = compiled
             self.flops[key] = _xla_flops(
-                self.plain_train_step.lower(params, opt_state, x, jax.random.key(1))
+                self.train_step.lower(params, opt_state, x, jax.random.key(1))
             )
             mem = compiled.memory_analysis()
             self.xla_mem = self.xla_temp = None

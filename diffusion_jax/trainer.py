@@ -14,6 +14,7 @@ return.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import pathlib
@@ -73,8 +74,13 @@ def make_train_step(
     config: Config,
     tx: optax.GradientTransformation,
     learning_rate_fn: optax.Schedule,
+    param_shardings: Any = None,
 ) -> Callable[[TrainState, dict[str, jax.Array], dj.Schedule], tuple[TrainState, Metrics]]:
     """``train_step(state, batch, schedule) -> (state, metrics)`` for one global batch.
+
+    ``param_shardings`` (the parameters' shardings, when some are FSDP-sharded): the step gathers
+    the parameters whole for the forward and backward passes and hands the gradients back sharded
+    like the parameters, so the compiler reduce-scatters them (see :func:`sharding.fsdp_gather`).
 
     ``batch``: {"x": [B, ...] in [-1, 1], "label": int32 [B] (class-conditional models only)}.
     ``metrics``: scalar ``loss`` (mean over the batch), ``grad_norm`` (global L2 norm before
@@ -109,7 +115,15 @@ def make_train_step(
         return jnp.mean(per_example)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], schedule: dj.Schedule):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, state.step_rng(), schedule)
+        if param_shardings is None:
+            loss, grads = jax.value_and_grad(loss_fn)(
+                state.params, batch, state.step_rng(), schedule
+            )
+        else:
+            loss, grads = jax.value_and_grad(
+                lambda p, *args: loss_fn(sharding.fsdp_gather(p, param_shardings), *args)
+            )(state.params, batch, state.step_rng(), schedule)
+            grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         grad_norm = global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -142,14 +156,21 @@ def make_train_step(
 
 
 def make_sample_grid_fn(
-    model: nn.Module, config: Config, data_shape: tuple[int, ...], mesh: jax.sharding.Mesh
+    model: nn.Module,
+    config: Config,
+    data_shape: tuple[int, ...],
+    mesh: jax.sharding.Mesh,
+    num_samples: int | None = None,
+    **sampler_overrides: Any,
 ) -> Callable[[Any], jax.Array]:
     """Jitted ``sample_grid(ema_params) -> [num_samples, *data_shape]``, always from the same noise.
 
-    Class-conditional models get the labels 0, 1, 2, ... in turn.
+    ``num_samples`` defaults to ``config.sample.num_samples``; ``sampler_overrides`` replace entries
+    of ``config.sample`` (sampler, num_steps, eta). Class-conditional models get the labels 0, 1,
+    2, ... in turn. The samples are split over ``mesh`` when their number divides its devices.
     """
-    sampler = config_utils.build_sampler(config, model)
-    n = config.sample.num_samples
+    sampler = config_utils.build_sampler(config, model, **sampler_overrides)
+    n = config.sample.num_samples if num_samples is None else num_samples
     shape = (n, *data_shape)
     num_classes = config.model.num_classes
     seed = config.seed
@@ -163,6 +184,76 @@ def make_sample_grid_fn(
     divisible = n % mesh.devices.size == 0
     out = sharding.batch_sharding(mesh) if divisible else sharding.replicated(mesh)
     return jax.jit(sample_grid, out_shardings=out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """What :func:`train_and_evaluate` compiles, built for a mesh (real devices, or a TPU topology's
+    compile-only devices in :mod:`diffusion_jax.aot`).
+
+    ``train_step(state, batch, schedule)`` is jitted with the state sharded by ``state_shardings``
+    (replicated, or FSDP above ``sharding.fsdp_min_size``), the batch split along ``data`` and the
+    state donated. ``sample_grid(ema_params)`` is None when ``sample.num_samples = 0``.
+    """
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    lr_fn: optax.Schedule
+    schedule: dj.Schedule  # host numpy arrays
+    abstract_state: TrainState
+    state_shardings: Any
+    batch_keys: tuple[str, ...]
+    train_step: Any
+    sample_grid: Any
+
+    def abstract_state_args(self) -> TrainState:
+        """The state as ``jax.ShapeDtypeStruct`` with its shardings (restore and compile targets)."""
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_state,
+            self.state_shardings,
+        )
+
+    def abstract_train_args(
+        self, mesh: jax.sharding.Mesh, batch_size: int, data_shape: tuple[int, ...]
+    ) -> tuple[Any, ...]:
+        """``(state, batch, schedule)`` as ``jax.ShapeDtypeStruct``: what ``train_step.lower`` takes."""
+        batch = {"x": jax.ShapeDtypeStruct((batch_size, *data_shape), jnp.float32)}
+        if "label" in self.batch_keys:
+            batch["label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+        split = sharding.batch_sharding(mesh)
+        batch = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=split) for k, v in batch.items()
+        }
+        schedule = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)),
+            self.schedule,
+        )
+        return self.abstract_state_args(), batch, schedule
+
+
+def build_programs(cfg: Config, mesh: jax.sharding.Mesh, data_shape: tuple[int, ...]) -> Programs:
+    """The model, optimiser and jitted programs of a training run on ``mesh`` (nothing is run)."""
+    model = config_utils.build_model(cfg)
+    schedule = jax.tree.map(np.asarray, config_utils.build_schedule(cfg))
+    tx, lr_fn = make_optimizer(cfg.optim, cfg.train.num_steps)
+    abstract_state = jax.eval_shape(lambda: init_state(model, cfg, data_shape, tx))
+    state_shardings = sharding.state_shardings(abstract_state, mesh, cfg.sharding.fsdp_min_size)
+    fsdp = sharding.is_fsdp(state_shardings.params)
+    train_step = jax.jit(
+        make_train_step(model, cfg, tx, lr_fn, state_shardings.params if fsdp else None),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    sample_grid = None
+    if cfg.sample.num_samples > 0:
+        sample_grid = make_sample_grid_fn(model, cfg, data_shape, mesh)
+    batch_keys = ("x", "label") if cfg.model.num_classes is not None else ("x",)
+    return Programs(
+        model, tx, lr_fn, schedule, abstract_state, state_shardings, batch_keys, train_step,
+        sample_grid,
+    )  # fmt: skip
 
 
 class _Termination:
@@ -349,14 +440,9 @@ def train_and_evaluate(
         local_batch, cfg.data.source, info.num_examples, data_shape,
     )  # fmt: skip
 
-    model = config_utils.build_model(cfg)
-    schedule_host = jax.tree.map(np.asarray, config_utils.build_schedule(cfg))
-    schedule = jax.device_put(schedule_host, sharding.replicated(mesh))
-    tx, lr_fn = make_optimizer(cfg.optim, cfg.train.num_steps)
-
-    abstract_state = jax.eval_shape(lambda: init_state(model, cfg, data_shape, tx))
-    state_shardings = sharding.state_shardings(abstract_state, mesh, cfg.sharding.fsdp_min_size)
-    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_state.params))
+    programs = build_programs(cfg, mesh, data_shape)
+    schedule = jax.device_put(programs.schedule, sharding.replicated(mesh))
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(programs.abstract_state.params))
     logging.info("Model %s with %s parameters", cfg.model.name, f"{num_params:,}")
 
     data_seed = int(jax.random.randint(rng_streams(cfg.seed)["data"], (), 0, 2**31 - 1))
@@ -379,8 +465,8 @@ def train_and_evaluate(
         profiler = _Profiler(cfg.profile, workdir / "tensorboard", active=is_main)
         stack.callback(profiler.stop)
         return _train_loop(
-            cfg, workdir, mesh, model, schedule, tx, lr_fn, abstract_state, state_shardings,
-            train_iter, manager, writer, termination, profiler, data_shape, hooks,
+            cfg, workdir, mesh, programs, schedule, train_iter, manager, writer, termination,
+            profiler, data_shape, hooks,
         )  # fmt: skip
 
 
@@ -388,12 +474,8 @@ def _train_loop(
     cfg: Config,
     workdir: epath.Path,
     mesh: jax.sharding.Mesh,
-    model: nn.Module,
+    programs: Programs,
     schedule: dj.Schedule,
-    tx: optax.GradientTransformation,
-    lr_fn: optax.Schedule,
-    abstract_state: TrainState,
-    state_shardings: Any,
     train_iter: Any,
     manager: Any,
     writer: _Writer,
@@ -406,11 +488,7 @@ def _train_loop(
     is_main = jax.process_index() == 0
     num_steps = cfg.train.num_steps
 
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state,
-        state_shardings,
-    )
+    target = programs.abstract_state_args()
     steps_on_disk = sorted(manager.all_steps())
     restored = checkpoints.restore_latest(manager, target, train_iter)
     if restored is not None:
@@ -423,22 +501,18 @@ def _train_loop(
         )
     else:
         init = jax.jit(
-            lambda: init_state(model, cfg, data_shape, tx), out_shardings=state_shardings
+            lambda: init_state(programs.model, cfg, data_shape, programs.tx),
+            out_shardings=programs.state_shardings,
         )
         state, start = init(), 0
         logging.info("Starting from scratch (no checkpoint in %s)", manager.directory)
     last_saved = start if restored is not None else None
 
-    batch_keys = ("x", "label") if cfg.model.num_classes is not None else ("x",)
-    train_step = jax.jit(
-        make_train_step(model, cfg, tx, lr_fn),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
+    batch_keys, train_step, sample_grid = (
+        programs.batch_keys,
+        programs.train_step,
+        programs.sample_grid,
     )
-    sample_grid = None
-    if cfg.sample.num_samples > 0:
-        sample_grid = make_sample_grid_fn(model, cfg, data_shape, mesh)
 
     def save(step: int) -> None:
         nonlocal last_saved

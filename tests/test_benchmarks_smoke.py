@@ -76,11 +76,27 @@ def _quality(tmp_path):
     assert "| ddim | 2 |" in stdout
 
 
+def _tpu_compile(tmp_path):
+    from diffusion_jax import aot
+
+    try:
+        aot.topology_devices("v5e:2x2")
+    except RuntimeError as e:
+        pytest.skip(f"no TPU compiler for this jax: {e}")
+    out = tmp_path / "report.json"
+    stdout = _run("tpu_compile", "--tiny", "--json", str(out))
+    (report,) = json.loads(out.read_text())
+    assert report["program"] == "tiny: train_step" and report["compiled"] and report["fits"]
+    assert report["flops"] > 0 and report["est_seconds"] > 0
+    assert "| tiny: train_step | v5e:2x2" in stdout
+
+
 SMOKE = {  # module name in benchmarks/ -> its tiny-size run
     "unet_vs_diffusers": _unet_vs_diffusers,
     "sampler_compile": _sampler_compile,
     "input_pipeline": _input_pipeline,
     "quality": _quality,
+    "tpu_compile": _tpu_compile,
 }
 
 

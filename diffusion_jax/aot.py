@@ -1,0 +1,515 @@
+r"""Compile a config's programs for a TPU topology on any machine, and report what the compiler says.
+
+    python -m diffusion_jax.aot --config configs/cifar10.py --topology v5e:2x2 \
+        --config.model.dtype=bfloat16 [--samplers ddim:50,ddpm:1000 --sample_batch 256 --json r.json]
+
+Check that a config fits and what to expect before paying for the pod. The training step and the
+samplers are built by the same code as ``train.py``'s (:func:`diffusion_jax.trainer.build_programs`:
+model, optimiser, mesh, shardings, FSDP, donation), on the compile-only devices of a TPU topology
+(``jax.experimental.topologies``; needs ``libtpu``, not a TPU) instead of ``jax.devices()``, and
+compiled by the TPU compiler. Multi-host topologies (``v5e:4x4``: 4 hosts) work: nothing here asks
+``jax.process_count()``; the mesh spans every chip of every host.
+
+Per program it reports: compile time; memory per chip (arguments, outputs, temporaries) against the
+chip's HBM; flops and bytes per chip from ``cost_analysis()``; the compiler's own time estimate
+(``optimal_seconds``: an estimate, not a measurement); a roofline max(flops / peak, bytes /
+bandwidth) to check it; images/s and FLOP utilisation derived from the estimate; and the
+collectives in the program (count and bytes per kind).
+
+Two corrections to the raw estimate: each ``ConcatBitcast`` custom call counts -1 s in it (a
+"no estimate" sentinel), so those are added back; and a ``while`` loop's body is counted once, not
+once per trip, so a sampler's chain (one ``scan`` over its steps) is reported per step and
+multiplied by the number of steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax import config_utils, sharding
+from diffusion_jax.config_utils import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Per-chip figures of a TPU generation (Cloud TPU documentation)."""
+
+    name: str
+    bf16_flops: float  # peak dense bf16 FLOP/s
+    hbm_bytes: int
+    hbm_bandwidth: float  # bytes/s
+
+
+GiB = 2**30
+CHIPS = {  # keyed by jax.Device.device_kind
+    "TPU v4": Chip("v4", 275e12, 32 * GiB, 1228e9),
+    "TPU v5 lite": Chip("v5e", 197e12, 16 * GiB, 819e9),
+    "TPU v5": Chip("v5p", 459e12, 95 * GiB, 2765e9),
+    "TPU v6 lite": Chip("v6e", 918e12, 32 * GiB, 1640e9),
+}
+MEGACORE = ("v4", "v5p")  # two TensorCores per chip, one JAX device per chip (as on a real VM)
+
+
+def topology_devices(topology: str) -> list[jax.Device]:
+    """The compile-only devices of a TPU topology such as ``v5e:2x2``, ``v4:2x2x2`` or ``v5e:4x4``:
+    one per chip, in process order. Raises a RuntimeError naming the fix when libtpu is missing."""
+    from jax.experimental import topologies
+
+    # Compiling takes no TPU, so several processes may do it at once (libtpu otherwise holds a
+    # lock file for the process that owns the chips).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    kwargs = {"chip_config_name": "megacore"} if topology.split(":")[0] in MEGACORE else {}
+    try:
+        devices = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
+    except Exception as e:  # noqa: BLE001  (libtpu missing, or an unknown topology name)
+        raise RuntimeError(
+            f"cannot describe the TPU topology {topology!r} ({type(e).__name__}: {e}). It needs "
+            "libtpu for the installed jax (pip install -e '.[tpu]', or pip install libtpu) and a "
+            "name like v5e:2x2, v5e:4x4, v4:2x2x1, v4:2x2x2, v5p:2x2x1 or v6e:2x2."
+        ) from e
+    return sorted(devices.devices, key=lambda d: (d.process_index, d.id))
+
+
+def chip_of(device: jax.Device) -> Chip:
+    """The :class:`Chip` figures for a TPU device (ValueError for an unknown kind)."""
+    try:
+        return CHIPS[device.device_kind]
+    except KeyError:
+        raise ValueError(
+            f"no chip figures for device kind {device.device_kind!r}; known: {sorted(CHIPS)}."
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a compiled program.
+
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
+    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+}  # fmt: skip
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE_OP = re.compile(
+    r"^\s*(?:ROOT )?%?[\w.-]+ = (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", re.M
+)
+
+
+def array_bytes(shape_text: str) -> list[int]:
+    """Bytes of each array in an HLO shape such as ``(f32[128,3]{1,0}, bf16[64])``."""
+    return [
+        _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+        for dtype, dims in _ARRAY.findall(shape_text)
+    ]
+
+
+_COMPUTATION = re.compile(r"^%?([\w.-]+) \(.*\{$")
+_ROOT = re.compile(r"^\s*ROOT %?[\w.-]+ = (.+?) [\w-]+\(")
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{kind: {"count", "bytes"}} of the collectives in an optimised HLO text (per chip).
+
+    Bytes are those of the result: for the asynchronous ``*-start`` forms, whose result is a tuple
+    (operands, results), the result half. The TPU compiler writes a reduce-scatter as a custom
+    fusion named ``all-reduce-scatter*`` around an all-reduce and a dynamic slice: that counts as
+    one reduce-scatter of the slice's bytes.
+    """
+    out: dict[str, dict[str, int]] = {}
+
+    def add(kind: str, nbytes: int) -> None:
+        entry = out.setdefault(kind, {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += nbytes
+
+    computation = ""
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
+            continue
+        if computation.startswith("all-reduce-scatter"):
+            root = _ROOT.match(line)
+            if root:
+                add("reduce-scatter", sum(array_bytes(root.group(1))))
+            continue
+        op = _COLLECTIVE_OP.match(line)
+        if op is None:
+            continue
+        shape, kind, start = op.groups()
+        sizes = array_bytes(shape)
+        if start and len(sizes) > 1:
+            sizes = sizes[len(sizes) // 2 :] if kind != "all-reduce" else sizes[: len(sizes) // 2]
+        add(kind, sum(sizes))
+    return out
+
+
+def while_loops(hlo_text: str) -> int:
+    """How many ``while`` loops an optimised HLO text runs (the cost analysis counts each body once)."""
+    return len(re.findall(r" while\(", hlo_text))
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):  # older JAX: one dict per program
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+@dataclasses.dataclass
+class Report:
+    """What the TPU compiler says about one program, per chip. Times are the compiler's estimate."""
+
+    program: str
+    topology: str
+    chips: int
+    hosts: int
+    compiled: bool = False
+    error: str = ""
+    compile_seconds: float = 0.0
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    hbm_bytes: int = 0
+    fits: bool = False
+    flops: float = 0.0
+    bytes_accessed: float = 0.0
+    raw_optimal_seconds: float = 0.0
+    concat_bitcasts: int = 0
+    est_seconds: float = 0.0  # per call (per step of a sampler's chain)
+    roofline_seconds: float = 0.0
+    bound: str = ""  # "compute" | "memory": which roofline term is larger
+    images: int = 0  # examples per call, all chips
+    steps: int = 1  # trips of the sampler's loop (1: no loop)
+    nfe_per_step: int = 1
+    total_seconds: float = 0.0  # est_seconds * steps
+    images_per_second: float = 0.0
+    flop_utilisation: float = 0.0  # flops / (est_seconds * peak bf16 FLOP/s)
+    collectives: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    while_loops: int = 0
+
+    @property
+    def memory_bytes(self) -> int:
+        """Peak bytes a chip holds for the program: arguments + outputs - aliased + temporaries."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def out_of_memory(self) -> bool:
+        """The compiler refused the program for want of HBM (RESOURCE_EXHAUSTED)."""
+        return "RESOURCE_EXHAUSTED" in self.error
+
+    def advice(self) -> str:
+        """Empty when the program fits (or failed for another reason); else what to change."""
+        if self.fits or not (self.compiled or self.out_of_memory):
+            return ""
+        return (
+            f"{self.program} does not fit: {self.memory_bytes / GiB:.2f} GiB per chip > "
+            f"{self.hbm_bytes / GiB:.2f} GiB HBM. Reduce train.batch_size (or use "
+            "optim.grad_accum_steps), set model.remat=True, or shard parameters with "
+            "sharding.fsdp_min_size (e.g. 65536)."
+        )
+
+
+def analyse(
+    compiled: Any,
+    program: str,
+    topology: str,
+    devices: Sequence[jax.Device],
+    *,
+    images: int,
+    steps: int = 1,
+    nfe_per_step: int = 1,
+) -> Report:
+    """A :class:`Report` from a compiled program for ``devices`` (one per chip)."""
+    chip = chip_of(devices[0])
+    report = Report(program, topology, len(devices), len({d.process_index for d in devices}))
+    report.compiled, report.hbm_bytes = True, chip.hbm_bytes
+    mem = compiled.memory_analysis()
+    report.argument_bytes = int(mem.argument_size_in_bytes)
+    report.output_bytes = int(mem.output_size_in_bytes)
+    report.alias_bytes = int(mem.alias_size_in_bytes)
+    report.temp_bytes = int(mem.temp_size_in_bytes)
+    report.fits = report.memory_bytes <= chip.hbm_bytes
+    cost = _cost(compiled)
+    text = compiled.as_text()
+    report.flops = float(cost.get("flops", 0.0))
+    report.bytes_accessed = float(cost.get("bytes accessed", 0.0))
+    report.raw_optimal_seconds = float(cost.get("optimal_seconds", 0.0))
+    report.concat_bitcasts = len(re.findall(r'custom_call_target="ConcatBitcast"', text))
+    report.est_seconds = report.raw_optimal_seconds + report.concat_bitcasts
+    compute, memory = report.flops / chip.bf16_flops, report.bytes_accessed / chip.hbm_bandwidth
+    report.roofline_seconds = max(compute, memory)
+    report.bound = "compute" if compute >= memory else "memory"
+    report.images, report.steps, report.nfe_per_step = images, steps, nfe_per_step
+    report.total_seconds = report.est_seconds * steps
+    if report.est_seconds > 0:
+        report.images_per_second = images / report.total_seconds
+        report.flop_utilisation = report.flops / (report.est_seconds * chip.bf16_flops)
+    report.collectives = collectives(text)
+    report.while_loops = while_loops(text)
+    return report
+
+
+def compile_and_analyse(
+    jitted: Any, args: Sequence[Any], program: str, topology: str, devices: Sequence[jax.Device],
+    *, hlo_dir: str | None = None, **kwargs: Any,
+) -> Report:  # fmt: skip
+    """Lowers and compiles ``jitted(*args)`` (abstract args) and analyses it; a compile error
+    becomes a report with ``compiled=False`` and the message. With ``hlo_dir`` the optimised HLO
+    goes to ``<hlo_dir>/<topology>_<program>.txt``."""
+    start = time.time()
+    try:
+        compiled = jitted.lower(*args).compile()
+    except Exception as e:  # noqa: BLE001  (reported, not raised: the other programs still run)
+        report = Report(program, topology, len(devices), len({d.process_index for d in devices}))
+        report.error = f"{type(e).__name__}: {str(e)[:2000]}"
+        report.compile_seconds = time.time() - start
+        # "... HLO temporaries (46.53G) exceeds available HBM (15.75G)": the compiler's figures.
+        sizes = re.findall(r"\(([\d.]+)G\)", report.error)
+        if report.out_of_memory and len(sizes) >= 2:
+            report.temp_bytes, report.hbm_bytes = (int(float(x) * GiB) for x in sizes[:2])
+        return report
+    seconds = time.time() - start
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        name = f"{topology.replace(':', '_')}_{program}.txt"
+        with open(os.path.join(hlo_dir, name), "w") as f:
+            f.write(compiled.as_text())
+    report = analyse(compiled, program, topology, devices, **kwargs)
+    report.compile_seconds = seconds
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# The programs of a config.
+
+
+def data_shape_of(config: Config) -> tuple[int, ...]:
+    """One example's shape from the data config alone (no data is read): (H, W, C) or (2,)."""
+    from diffusion_jax.data import config as data_config
+
+    d = config.data
+    if d.source in data_config.POINT_SOURCES:
+        return (2,)
+    if d.image_size > 0 and d.channels > 0:
+        return (d.image_size, d.image_size, d.channels)
+    raise ValueError(
+        f"data.image_size={d.image_size} and data.channels={d.channels}: the compile-only mode "
+        "needs both set (> 0) to know the image shape without reading the data."
+    )
+
+
+def parse_samplers(spec: str) -> list[tuple[str, int | None]]:
+    """``"ddim:50,ddpm:1000"`` -> [("ddim", 50), ("ddpm", 1000)]; ``ddpm`` alone: all T steps."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, steps = item.partition(":")
+        out.append((name, int(steps) if steps else None))
+    return out
+
+
+def _nfe_per_step(sampler: str) -> int:
+    return 2 if sampler == "heun" else 1
+
+
+def compile_programs(
+    config: Any,
+    topology: str,
+    *,
+    samplers: Sequence[tuple[str, int | None]] = (),
+    sample_batch: int = 256,
+    forward: bool = True,
+    hlo_dir: str | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> list[Report]:
+    """Compiles ``config``'s training step (and a bare forward, and each sampler of ``samplers`` for
+    ``sample_batch`` images) for ``topology`` as ``train.py`` builds them. Returns one report each."""
+    from diffusion_jax import trainer
+
+    cfg = config if isinstance(config, Config) else config_utils.parse_config(config)
+    devices = topology_devices(topology)
+    mesh = sharding.make_mesh(devices)
+    hosts = len({d.process_index for d in devices})
+    sharding.check_batch_size(cfg.train.batch_size, mesh, process_count=hosts)
+    data_shape = data_shape_of(cfg)
+    programs = trainer.build_programs(cfg, mesh, data_shape)
+    batch = cfg.train.batch_size
+    common = dict(topology=topology, devices=devices, hlo_dir=hlo_dir)
+
+    log(f"compiling the training step (global batch {batch}) for {topology}")
+    args = programs.abstract_train_args(mesh, batch, data_shape)
+    reports = [compile_and_analyse(programs.train_step, args, "train_step", images=batch, **common)]
+    ema = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+        programs.abstract_state_args().ema_params,
+    )
+    if forward:
+        log(f"compiling a bare forward pass (batch {sample_batch})")
+        reports.append(
+            compile_and_analyse(
+                _forward_fn(programs.model, cfg, data_shape, mesh, sample_batch),
+                (ema,),
+                f"forward_b{sample_batch}",
+                images=sample_batch,
+                **common,
+            )  # fmt: skip
+        )
+    for name, steps in samplers:
+        total = steps or cfg.diffusion.num_timesteps
+        log(f"compiling the {name} sampler, {total} steps, batch {sample_batch}")
+        grid = trainer.make_sample_grid_fn(
+            programs.model, cfg, data_shape, mesh, sample_batch, sampler=name, num_steps=steps
+        )
+        reports.append(
+            compile_and_analyse(
+                grid,
+                (ema,),
+                f"sample_{name}{total}_b{sample_batch}",
+                images=sample_batch,
+                steps=total,
+                nfe_per_step=_nfe_per_step(name),
+                **common,
+            )  # fmt: skip
+        )
+    return reports
+
+
+def _forward_fn(model, cfg: Config, data_shape, mesh, batch: int):
+    """Jitted ``forward(params) -> [batch, *data_shape]``: one denoiser evaluation, the batch split."""
+    denoise = config_utils.denoise_fn_for(model)
+    split = sharding.batch_sharding(mesh) if batch % mesh.devices.size == 0 else None
+    num_classes = cfg.model.num_classes
+
+    def forward(params):
+        x = jnp.zeros((batch, *data_shape), jnp.float32)
+        if split is not None:
+            x = jax.lax.with_sharding_constraint(x, split)
+        t = jnp.full((batch,), 1, jnp.int32)
+        y = None if num_classes is None else jnp.zeros((batch,), jnp.int32)
+        return denoise(params, x, t, y)
+
+    return jax.jit(forward, out_shardings=split or sharding.replicated(mesh))
+
+
+# ----------------------------------------------------------------------------------------------
+# Output.
+
+
+def _collective_text(c: dict[str, dict[str, int]]) -> str:
+    if not c:
+        return "none"
+    return ", ".join(f"{k} {v['count']}x {v['bytes'] / 2**20:.1f}MiB" for k, v in sorted(c.items()))
+
+
+def table(reports: Sequence[Report]) -> str:
+    """A Markdown table of reports (per chip; 'est.' is the compiler's estimate)."""
+    head = (
+        "| program | topology | compiled (s) | memory/chip (HBM) | GFLOP/chip | GB/chip | est. ms "
+        "| roofline ms | bound | est. images/s | est. FLOP util. | collectives |"
+    )
+    rows = [head, "|" + " --- |" * 12]
+    for r in reports:
+        if r.out_of_memory:
+            rows.append(
+                f"| {r.program} | {r.topology} | out of HBM ({r.compile_seconds:.0f}) | "
+                f"{r.memory_bytes / GiB:.2f} GiB ({r.hbm_bytes / GiB:.2f}) **does not fit** "
+                "| | | | | | | | |"
+            )
+            continue
+        if not r.compiled:
+            rows.append(
+                f"| {r.program} | {r.topology} | failed ({r.compile_seconds:.0f}) | "
+                f"{r.error[:120]} | | | | | | | | |"
+            )
+            continue
+        per = f" x{r.steps}" if r.steps > 1 else ""
+        fit = "" if r.fits else " **does not fit**"
+        rows.append(
+            f"| {r.program} | {r.topology} ({r.chips} chips, {r.hosts} host(s)) | "
+            f"{r.compile_seconds:.0f} | {r.memory_bytes / GiB:.2f} GiB ({r.hbm_bytes / GiB:.0f}){fit} | "
+            f"{r.flops / 1e9:.1f}{per} | {r.bytes_accessed / 1e9:.2f}{per} | "
+            f"{r.est_seconds * 1e3:.2f}{per} | {r.roofline_seconds * 1e3:.2f}{per} | {r.bound} | "
+            f"{r.images_per_second:,.0f} | {r.flop_utilisation:.0%} | {_collective_text(r.collectives)} |"
+        )
+    return "\n".join(rows)
+
+
+def run(
+    config: Any,
+    topologies: Sequence[str],
+    *,
+    samplers: str = "",
+    sample_batch: int = 256,
+    json_path: str | None = None,
+    hlo_dir: str | None = None,
+) -> int:
+    """Compiles and prints the table (and writes JSON); exit code 0 if every program compiled and fits."""
+    reports: list[Report] = []
+    for topology in topologies:
+        try:
+            reports += compile_programs(
+                config, topology, samplers=parse_samplers(samplers), sample_batch=sample_batch,
+                hlo_dir=hlo_dir, log=lambda s: print(s, file=sys.stderr, flush=True),
+            )  # fmt: skip
+        except (RuntimeError, ValueError) as e:  # no libtpu, bad topology, bad config
+            print(f"diffusion_jax.aot: {e}", file=sys.stderr)
+            return 2
+    print(table(reports))
+    for r in reports:
+        if r.advice():
+            print(r.advice())
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in reports], f, indent=1)
+    return 0 if all(r.compiled and r.fits for r in reports) else 1
+
+
+def _main() -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "Training config file (configs/*.py).", lock_config=True
+    )
+    flags.DEFINE_multi_string(
+        "topology", ["v5e:2x2"], "TPU topology, e.g. v5e:2x2, v5e:4x4, v4:2x2x1, v4:2x2x2, "
+        "v5p:2x2x1, v6e:2x2 (repeat the flag for several).",
+    )  # fmt: skip
+    flags.DEFINE_string(
+        "samplers", "", "Samplers to compile, e.g. 'ddim:50,ddpm:1000' (ddpm alone: all T steps)."
+    )
+    flags.DEFINE_integer("sample_batch", 256, "Images per sampler call (and the bare forward).")
+    flags.DEFINE_string("json", None, "Also write the reports here, as JSON.")
+    flags.DEFINE_string("hlo_dir", None, "Write each program's optimised TPU HLO text here.")
+    flags.mark_flags_as_required(["config"])
+    FLAGS = flags.FLAGS
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        sys.exit(
+            run(
+                FLAGS.config,
+                FLAGS.topology,
+                samplers=FLAGS.samplers,
+                sample_batch=FLAGS.sample_batch,
+                json_path=FLAGS.json,
+            )  # fmt: skip
+        )
+
+    app.run(main)
+
+
+if __name__ == "__main__":
+    _main()
