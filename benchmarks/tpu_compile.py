@@ -36,6 +36,7 @@ CASES: dict[str, tuple[str, dict]] = {
         "v5e:4x4",
         {**BF16, "train.batch_size": 512, "sharding.fsdp_min_size": 65536},
     ),
+    "v5e_2x4_b256": ("v5e:2x4", {**BF16, "train.batch_size": 256}),
     "v4_2x2x2_b256": ("v4:2x2x2", {**BF16, "train.batch_size": 256}),
     "v4_2x2x2_b256_fsdp": (
         "v4:2x2x2",
@@ -92,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in case:
             r.program = f"{name}: {r.program}"
         reports += case
-        print(aot.table(case).splitlines()[-1], file=sys.stderr, flush=True)
+        print("\n".join(aot.table(case).splitlines()[2:]), file=sys.stderr, flush=True)
+        if args.json:  # after every case: a long run keeps what it finished
+            with open(args.json, "w") as f:
+                json.dump([dataclasses.asdict(r) for r in reports], f, indent=1)
     print(aot.table(reports))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([dataclasses.asdict(r) for r in reports], f, indent=1)
     return 0 if all(r.compiled for r in reports) else 1
 
 

@@ -505,6 +505,7 @@ def _main() -> None:
                 samplers=FLAGS.samplers,
                 sample_batch=FLAGS.sample_batch,
                 json_path=FLAGS.json,
+                hlo_dir=FLAGS.hlo_dir,
             )  # fmt: skip
         )
 

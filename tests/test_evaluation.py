@@ -11,6 +11,8 @@ entropy of the discretized data, which lower-bounds any model's bits/dim.
 
 import json
 import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -737,3 +739,28 @@ def test_evaluate_workdir_writes_json_and_tensorboard(tmp_path):
     assert any("tfevents" in f for f in os.listdir(os.path.join(workdir, "tensorboard")))
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
         pipeline.evaluate_workdir(workdir, step=7)
+
+
+def test_generate_samples_splits_batches_over_local_devices():
+    """On 4 (fake) devices each batch is split over all four, with the same samples as on one."""
+    code = """
+import jax, numpy as np
+from diffusion_jax.evaluation import export
+seen = []
+def sample(params, rng, shape):
+    x = params["w"] * jax.random.normal(rng, shape)
+    jax.debug.inspect_array_sharding(x, callback=lambda s: seen.append(len(s.device_set)))
+    return x
+params = {"w": np.float32(2.0)}
+out = export.generate_samples(sample, params, num_samples=6, batch_size=4, image_shape=(3, 1))
+ref = np.concatenate([sample(params, jax.random.fold_in(jax.random.key(0), i), (4, 3, 1))
+                      for i in range(2)])[:6]
+np.testing.assert_allclose(out, ref, rtol=1e-6)
+print(len(jax.devices()), seen[0])
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["4", "4"], proc.stdout

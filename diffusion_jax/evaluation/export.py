@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from diffusion_jax import sharding
+
 
 def to_uint8(x: np.ndarray | jax.Array) -> np.ndarray:
     """Images in [-1, 1] (any shape) -> uint8 in [0, 255]: round((x + 1) * 127.5), clipped.
@@ -113,7 +115,9 @@ def generate_samples(
 
     ``sample_fn(params, rng, shape, **model_kwargs)`` is a :func:`diffusion_jax.make_sampler` result;
     it is jitted once with the batch shape static, and batch ``i`` uses ``fold_in(key(seed), i)``
-    (the last batch is full size, trimmed). The samples depend on ``seed`` and ``batch_size``.
+    (the last batch is full size, trimmed). The samples depend on ``seed`` and ``batch_size``, not
+    on the devices: each batch is split over this process's devices when ``batch_size`` divides
+    among them (every chip of a TPU VM or GPU box samples), else it runs on one.
     ``labels`` [N] (int), if given, are passed per batch as ``y=`` (class-conditional models).
     """
     if num_samples < 1 or batch_size < 1:
@@ -126,7 +130,13 @@ def generate_samples(
         if labels.shape != (num_samples,):
             raise ValueError(f"labels must have shape ({num_samples},), got {labels.shape}.")
         labels = np.resize(labels, num_batches * batch_size)  # pad the last batch by repetition
-    sample = jax.jit(sample_fn, static_argnums=2)
+    devices = jax.local_devices()
+    if len(devices) > 1 and batch_size % len(devices) == 0:
+        mesh = sharding.make_mesh(devices)
+        params = jax.device_put(params, sharding.replicated(mesh))
+        sample = jax.jit(sample_fn, static_argnums=2, out_shardings=sharding.batch_sharding(mesh))
+    else:
+        sample = jax.jit(sample_fn, static_argnums=2)
     key = jax.random.key(seed)
     shape = (batch_size, *image_shape)
     out = []
