@@ -85,11 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] compiling for {topology} ...", file=sys.stderr, flush=True)
         case = aot.compile_programs(
             _config(name, overrides), topology, samplers=samplers, sample_batch=sample_batch,
-            forward=bool(samplers), hlo_dir=args.hlo_dir,
+            forward=bool(samplers), train=not samplers, hlo_dir=args.hlo_dir,
             log=lambda s: print(f"  {s}", file=sys.stderr, flush=True),
         )  # fmt: skip
-        if samplers:  # the training step is reported by the other cases
-            case = case[1:]
         for r in case:
             r.program = f"{name}: {r.program}"
         reports += case

@@ -330,11 +330,13 @@ def compile_programs(
     samplers: Sequence[tuple[str, int | None]] = (),
     sample_batch: int = 256,
     forward: bool = True,
+    train: bool = True,
     hlo_dir: str | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> list[Report]:
-    """Compiles ``config``'s training step (and a bare forward, and each sampler of ``samplers`` for
-    ``sample_batch`` images) for ``topology`` as ``train.py`` builds them. Returns one report each."""
+    """Compiles ``config``'s training step (unless ``train=False``), a bare forward (``forward``) and
+    each sampler of ``samplers`` for ``sample_batch`` images, for ``topology`` as ``train.py``
+    builds them. Returns one report each."""
     from diffusion_jax import trainer
 
     cfg = config if isinstance(config, Config) else config_utils.parse_config(config)
@@ -347,9 +349,13 @@ def compile_programs(
     batch = cfg.train.batch_size
     common = dict(topology=topology, devices=devices, hlo_dir=hlo_dir)
 
-    log(f"compiling the training step (global batch {batch}) for {topology}")
-    args = programs.abstract_train_args(mesh, batch, data_shape)
-    reports = [compile_and_analyse(programs.train_step, args, "train_step", images=batch, **common)]
+    reports = []
+    if train:
+        log(f"compiling the training step (global batch {batch}) for {topology}")
+        args = programs.abstract_train_args(mesh, batch, data_shape)
+        reports.append(
+            compile_and_analyse(programs.train_step, args, "train_step", images=batch, **common)
+        )
     ema = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
         programs.abstract_state_args().ema_params,
