@@ -7,7 +7,6 @@ benchmarks.<name>`` in the repository root (which puts ``benchmarks`` and ``conf
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 
@@ -38,16 +37,3 @@ def worker_env(malloc_tunables: bool, xla_flags: bool) -> dict[str, str]:
     if xla_flags and cpu_xla_flags_hint("cpu"):  # a jaxlib it was measured on, not set by the user
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + CPU_XLA_FLAGS).strip()
     return env
-
-
-_REEXECED = "DIFFUSION_JAX_BENCHMARK_REEXECED"
-
-
-def reexec_with_env(module: str, malloc_tunables: bool, xla_flags: bool) -> None:
-    """Start ``python -m module`` again, with this process's arguments, in :func:`worker_env`'s
-    environment (malloc and XLA settings must be set before the process starts), unless this is
-    that run. Pass the script's ``__spec__.name``."""
-    if os.environ.get(_REEXECED):
-        return
-    env = dict(worker_env(malloc_tunables, xla_flags), **{_REEXECED: "1"})
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
