@@ -356,10 +356,7 @@ def compile_programs(
         reports.append(
             compile_and_analyse(programs.train_step, args, "train_step", images=batch, **common)
         )
-    ema = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-        programs.abstract_state_args().ema_params,
-    )
+    ema = programs.abstract_state_args().ema_params
     if forward:
         log(f"compiling a bare forward pass (batch {sample_batch})")
         reports.append(

@@ -114,15 +114,16 @@ def make_train_step(
             )  # fmt: skip
         return jnp.mean(per_example)
 
+    def params_loss(params, batch, rng, schedule):
+        if param_shardings is not None:
+            params = sharding.fsdp_gather(params, param_shardings)
+        return loss_fn(params, batch, rng, schedule)
+
     def train_step(state: TrainState, batch: dict[str, jax.Array], schedule: dj.Schedule):
-        if param_shardings is None:
-            loss, grads = jax.value_and_grad(loss_fn)(
-                state.params, batch, state.step_rng(), schedule
-            )
-        else:
-            loss, grads = jax.value_and_grad(
-                lambda p, *args: loss_fn(sharding.fsdp_gather(p, param_shardings), *args)
-            )(state.params, batch, state.step_rng(), schedule)
+        loss, grads = jax.value_and_grad(params_loss)(
+            state.params, batch, state.step_rng(), schedule
+        )
+        if param_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         grad_norm = global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -218,13 +219,10 @@ class Programs:
         self, mesh: jax.sharding.Mesh, batch_size: int, data_shape: tuple[int, ...]
     ) -> tuple[Any, ...]:
         """``(state, batch, schedule)`` as ``jax.ShapeDtypeStruct``: what ``train_step.lower`` takes."""
-        batch = {"x": jax.ShapeDtypeStruct((batch_size, *data_shape), jnp.float32)}
-        if "label" in self.batch_keys:
-            batch["label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
         split = sharding.batch_sharding(mesh)
-        batch = {
-            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=split) for k, v in batch.items()
-        }
+        batch = {"x": jax.ShapeDtypeStruct((batch_size, *data_shape), jnp.float32, sharding=split)}
+        if "label" in self.batch_keys:
+            batch["label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=split)
         schedule = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)),
             self.schedule,
