@@ -138,3 +138,122 @@ def training_target(
     if prediction == "x0":
         return x0
     return v_target(schedule, x0, t, eps)
+
+
+# ------------------------------------------------------------------ any process: (alpha, sigma)
+# The functions below take alpha and sigma of x_t = alpha x_0 + sigma eps broadcastable against x
+# ([B, 1, ...] or scalars), so they serve every noise process (diffusion_jax.processes).
+
+OBJECTIVES = PREDICTIONS + ("flow", "edm")
+
+
+def check_objective(prediction: str) -> str:
+    """Validates a network parameterisation: 'eps', 'x0', 'v', 'flow' (velocity eps - x_0) or 'edm'."""
+    if prediction not in OBJECTIVES:
+        raise ValueError(f"unknown prediction {prediction!r}; choose one of {OBJECTIVES}.")
+    return prediction
+
+
+def edm_preconditioning(
+    sigma: jax.Array, sigma_data: float
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(c_skip, c_out, c_in, c_noise) of Karras et al. (2022) Table 1 at noise level ``sigma``.
+
+    D(x; sigma) = c_skip x + c_out F(c_in x; c_noise): c_skip = sd^2 / (sigma^2 + sd^2),
+    c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4.
+    """
+    total = sigma**2 + sigma_data**2
+    c_skip = sigma_data**2 / total
+    c_out = sigma * sigma_data * jax.lax.rsqrt(total)
+    c_in = jax.lax.rsqrt(total)
+    return c_skip, c_out, c_in, 0.25 * jnp.log(sigma)
+
+
+def network_input_scale(
+    alpha: jax.Array, sigma: jax.Array, prediction: str, kind: str, sigma_data: float = 0.5
+) -> jax.Array | None:
+    """What x_t is multiplied by before the network sees it (None: not scaled).
+
+    ``edm``: c_in / alpha (EDM's preconditioning of y = x / alpha). On the ``edm`` (VE) process the
+    other parameterisations see x_t / sqrt(alpha^2 + sigma^2), the VP image of the same noise level;
+    VP and flow inputs are not scaled.
+    """
+    if prediction == "edm":
+        return jax.lax.rsqrt(sigma**2 + (alpha * sigma_data) ** 2)
+    if kind == "edm":
+        return jax.lax.rsqrt(alpha**2 + sigma**2)
+    return None
+
+
+def x0_eps_from_output(
+    output: jax.Array,
+    x_t: jax.Array,
+    alpha: jax.Array,
+    sigma: jax.Array,
+    prediction: str,
+    sigma_data: float = 0.5,
+) -> tuple[jax.Array, jax.Array]:
+    """(x_0, eps) implied by a network ``output`` under ``prediction`` at x_t = alpha x_0 + sigma eps.
+
+    eps: x_0 = (x_t - sigma eps) / alpha. x0: eps = (x_t - alpha x_0) / sigma. v = alpha eps -
+    sigma x_0 (Salimans & Ho): x_0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2). flow, u = eps - x_0:
+    x_0 = (x_t - sigma u) / (alpha + sigma). edm: x_0 = c_skip y + c_out F with y = x_t / alpha.
+    """
+    check_objective(prediction)
+    if prediction == "eps":
+        return (x_t - sigma * output) / alpha, output
+    if prediction == "x0":
+        return output, (x_t - alpha * output) / sigma
+    if prediction == "v":
+        norm = alpha**2 + sigma**2
+        return (alpha * x_t - sigma * output) / norm, (sigma * x_t + alpha * output) / norm
+    if prediction == "flow":
+        norm = alpha + sigma
+        return (x_t - sigma * output) / norm, (x_t + alpha * output) / norm
+    c_skip, c_out, _, _ = edm_preconditioning(sigma / alpha, sigma_data)
+    x0 = c_skip * (x_t / alpha) + c_out * output
+    return x0, (x_t - alpha * x0) / sigma
+
+
+def output_target(
+    x0: jax.Array,
+    eps: jax.Array,
+    alpha: jax.Array,
+    sigma: jax.Array,
+    prediction: str,
+    sigma_data: float = 0.5,
+) -> jax.Array:
+    """What the network should output for (x_0, eps) at (alpha, sigma): the inverse of
+    :func:`x0_eps_from_output` (eps; x_0; alpha eps - sigma x_0; eps - x_0; (x_0 - c_skip y) / c_out)."""
+    check_objective(prediction)
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return alpha * eps - sigma * x0
+    if prediction == "flow":
+        return eps - x0
+    c_skip, c_out, _, _ = edm_preconditioning(sigma / alpha, sigma_data)
+    y = x0 + (sigma / alpha) * eps
+    return (x0 - c_skip * y) / c_out
+
+
+def x0_sensitivity(
+    alpha: jax.Array, sigma: jax.Array, prediction: str, sigma_data: float = 0.5
+) -> jax.Array:
+    """|d x_0 / d output| under ``prediction``: an error e in the output is an x_0 error k e.
+
+    eps: sigma / alpha; x0: 1; v: sigma / (alpha^2 + sigma^2); flow: sigma / (alpha + sigma); edm:
+    c_out. Min-SNR weighting multiplies the output loss by min(SNR, gamma) k^2.
+    """
+    check_objective(prediction)
+    if prediction == "eps":
+        return sigma / alpha
+    if prediction == "x0":
+        return jnp.ones_like(sigma)
+    if prediction == "v":
+        return sigma / (alpha**2 + sigma**2)
+    if prediction == "flow":
+        return sigma / (alpha + sigma)
+    return edm_preconditioning(sigma / alpha, sigma_data)[1]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 
 from diffusion_jax import forward
-from diffusion_jax.sampling import p_mean_variance
+from diffusion_jax.reverse import p_mean_variance
 from diffusion_jax.schedules import Schedule
 
 LOSS_TYPES = ("l2", "l1")

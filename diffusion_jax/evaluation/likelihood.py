@@ -25,7 +25,7 @@ import numpy as np
 
 from diffusion_jax import forward
 from diffusion_jax.losses import mean_flat, prior_bpd, vb_term_bpd
-from diffusion_jax.sampling import VARIANCES, p_mean_variance
+from diffusion_jax.reverse import VARIANCES, p_mean_variance
 from diffusion_jax.schedules import Schedule
 
 BpdFn = Callable[..., dict[str, jax.Array]]
