@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.schedules import SPACINGS, Schedule, karras_timesteps, respace, space_timesteps
+from diffusion_jax.schedules import SPACINGS, Schedule, karras_timesteps, space_timesteps
 
 PROCESSES = ("vp", "flow", "edm")
 TIME_SAMPLINGS = ("uniform", "logit_normal", "log_normal")
@@ -298,14 +298,20 @@ def sampling_levels(
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS + ('karras',)}.")
     rho = process.rho if rho is None else rho
     if process.is_discrete:
+        # improved-DDPM respacing: the kept steps keep their alpha-bar (read as stored, float32).
         sched = process.schedule
+        T = sched.num_timesteps
         if spacing == "karras":
-            sched = respace(sched, karras_timesteps(sched, num_steps or sched.num_timesteps, rho))
-        elif num_steps is not None and num_steps != sched.num_timesteps:
-            sched = respace(sched, space_timesteps(sched.num_timesteps, num_steps, spacing))
-        abar = np.asarray(sched.alphas_cumprod, np.float64)
+            kept = karras_timesteps(sched, T if num_steps is None else num_steps, rho)
+        elif num_steps is None or num_steps == T:
+            if spacing not in SPACINGS:
+                raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS + ('karras',)}.")
+            kept = np.arange(T)
+        else:
+            kept = space_timesteps(T, num_steps, spacing)
+        abar = np.asarray(sched.alphas_cumprod, np.float64)[kept]
         alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
-        model_t = np.asarray(sched.model_timesteps)
+        model_t = np.asarray(sched.model_timesteps)[kept]
         t = (model_t + 1.0) / process.num_timesteps
     else:
         num_steps = 18 if num_steps is None else num_steps

@@ -31,13 +31,19 @@ class Chain(NamedTuple):
 
     process: Process
     levels: Any  # Levels of jnp arrays, plus large_var
+    levels_np: Levels  # the same in float64 numpy (build-time values)
     run: Callable[..., Any]  # run(params, rng, x_start, first, post_step=None, context=None, **kw)
     step: Callable[..., Any]  # step(params, x, i, key, aux, model_kwargs) -> (x_next, x0_hat, aux)
     solver: solvers.Solver
 
     @property
     def num_steps(self) -> int:
-        return int(self.levels.alpha.shape[0])
+        return self.levels_np.num_steps
+
+    @property
+    def prior_std(self) -> float:
+        """Standard deviation of the Gaussian the chain starts from at its first (noisiest) level."""
+        return self.process.prior_std(float(self.levels_np.sigma[-1]))
 
     def noised(self, images: jax.Array, i: Any, key: jax.Array) -> jax.Array:
         """q(x_i | x_0): ``images`` noised to level i."""
@@ -228,7 +234,7 @@ def make_chain(
         (x0, _, frames, preds), _ = jax.lax.scan(body, carry, indices)
         return x0 if slots is None else (x0, frames, preds)
 
-    return Chain(process, levels, run, step, solver)
+    return Chain(process, levels, levels_np, run, step, solver)
 
 
 def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -287,7 +293,7 @@ def make_sampler(
         s_tmax=s_tmax, s_noise=s_noise, rho=rho,
     )  # fmt: skip
     last = chain.num_steps - 1
-    prior_std = chain.process.prior_std(float(chain.levels.sigma[last]))
+    prior_std = chain.prior_std
 
     def sample(params: Any, rng: jax.Array, shape: Sequence[int], **model_kwargs: Any):
         shape = check_shape(shape)

@@ -74,7 +74,7 @@ def make_inpainter(
     if resample > 1 and chain.solver.history:
         raise ValueError("resample > 1 needs a one-step sampler; this one keeps a history.")
     last = chain.num_steps - 1
-    prior_std = chain.process.prior_std(float(chain.levels.sigma[last]))
+    prior_std = chain.prior_std
 
     def replace_known(x_next, i, key, ctx):
         images, mask = ctx
@@ -97,14 +97,15 @@ def make_inpainter(
         # RePaint: each step i > 0 runs `resample` times; between repeats x_{i-1} goes back up to x_i.
         # The last step (i = 0) lands on the clean image and runs once.
         def body(x, i):
+            repeats = jnp.where(i > 0, resample, 1)
+
             def repeat(r, x):
                 key = jax.random.fold_in(jax.random.fold_in(loop_rng, i), r)
                 x_prev, _, _ = chain.step(params, x, i, key, (), model_kwargs)
                 x_prev = replace_known(x_prev, i, jax.random.fold_in(key, 1), (images, mask))
                 up = chain.renoised(x_prev, i, jax.random.fold_in(key, 2))
-                return jnp.where(r < resample - 1, up, x_prev)
+                return jnp.where(r < repeats - 1, up, x_prev)
 
-            repeats = jnp.where(i > 0, resample, 1)
             return jax.lax.fori_loop(0, repeats, repeat, x), None
 
         x0, _ = jax.lax.scan(body, x_init, jnp.arange(last, -1, -1, dtype=jnp.int32))
