@@ -1,11 +1,14 @@
-"""diffusion_jax: denoising diffusion probabilistic models in JAX/Flax.
+"""diffusion_jax: diffusion models in JAX/Flax: DDPM and its successors, flow matching and EDM.
 
-Timesteps count from 0 everywhere: ``t = 0`` is the paper's ``t = 1`` (least noisy), ``t = T - 1``
-the paper's ``t = T``. The core maths is pure functions over a :class:`Schedule` pytree; samplers
-are built by :func:`make_sampler` and compile to one program each.
+The core is a noise process x_t = alpha(t) x_0 + sigma(t) eps (:mod:`diffusion_jax.processes`: VP
+from any beta schedule, rectified flow, EDM); the discrete T-step DDPM process is a :class:`Schedule`
+pytree whose timesteps count from 0 (``t = 0`` is the paper's ``t = 1``, least noisy). The maths is
+pure functions; samplers are built by :func:`make_sampler` and compile to one program each.
 """
 
 from diffusion_jax.forward import (
+    edm_preconditioning,
+    output_target,
     predict_eps_from_v,
     predict_eps_from_x0,
     predict_x0_from_eps,
@@ -14,6 +17,7 @@ from diffusion_jax.forward import (
     q_posterior_mean_variance,
     q_sample,
     v_target,
+    x0_eps_from_output,
 )
 from diffusion_jax.losses import (
     classifier_loss,
@@ -25,6 +29,7 @@ from diffusion_jax.losses import (
     vb_term_bpd,
 )
 from diffusion_jax.models import MLPDenoiser, NoisyClassifier, UNet, timestep_embedding
+from diffusion_jax.processes import Process, make_process, sampling_levels
 from diffusion_jax.sampling import (
     classifier_free_guidance,
     classifier_guidance,
@@ -48,6 +53,12 @@ __version__ = "0.1.0"
 __all__ = [
     "MLPDenoiser",
     "NoisyClassifier",
+    "Process",
+    "edm_preconditioning",
+    "make_process",
+    "output_target",
+    "sampling_levels",
+    "x0_eps_from_output",
     "UNet",
     "Schedule",
     "betas_for_schedule",

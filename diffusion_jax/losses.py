@@ -1,6 +1,7 @@
 """Training losses and the pieces of the variational bound (Ho et al. 2020; Nichol & Dhariwal 2021).
 
-Shapes: ``x0`` is [B, ...] data scaled to [-1, 1]; ``t`` is int [B] of 0-based timesteps. Per-example
+Shapes: ``x0`` is [B, ...] data scaled to [-1, 1]; on the discrete VP process (a :class:`Schedule`)
+``t`` is int [B] of 0-based timesteps, on the others float [B] in the process's time. Per-example
 results are [B]; bits are per dimension (``mean`` over every non-batch axis, divided by log 2).
 """
 
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 
 from diffusion_jax import forward
+from diffusion_jax.processes import Process, as_process, sample_training_times
 from diffusion_jax.reverse import p_mean_variance
 from diffusion_jax.schedules import Schedule
 
@@ -58,8 +60,13 @@ def noised_inputs(
     return t, noise, forward.q_sample(schedule, x0, t, noise)
 
 
+def _per_example_error(output: jax.Array, target: jax.Array, loss_type: str) -> jax.Array:
+    err = output.astype(jnp.float32) - target
+    return mean_flat(jnp.square(err) if loss_type == "l2" else jnp.abs(err))
+
+
 def diffusion_loss(
-    schedule: Schedule,
+    process: Process | Schedule,
     model_fn: Callable[[jax.Array, jax.Array], jax.Array],
     x0: jax.Array,
     rng: jax.Array,
@@ -67,34 +74,102 @@ def diffusion_loss(
     prediction: str = "eps",
     loss_type: str = "l2",
     min_snr_gamma: float | None = None,
+    time_sampling: str = "uniform",
+    time_loc: float = 0.0,
+    time_scale: float = 1.0,
     t: jax.Array | None = None,
     noise: jax.Array | None = None,
 ) -> jax.Array:
-    """The DDPM simple loss per example, [B] (Ho et al. Algorithm 1, with other targets and weights).
+    """The denoising loss per example, [B], on any noise process (Ho et al. Algorithm 1 and successors).
 
-    Draws t ~ Uniform{0..T-1} and eps ~ N(0, I) from ``rng`` (unless given), forms x_t by
-    :func:`forward.q_sample` and compares ``model_fn(x_t, t)`` to the eps, x_0 or v target with a mean
-    squared (``l2``) or absolute (``l1``) error over each example's dimensions, optionally weighted
-    by min-SNR-gamma. ``model_fn`` receives ``schedule.model_timesteps[t]`` as its timestep.
+    Draws a noise level by ``time_sampling`` (see :func:`processes.sample_training_times`: uniform,
+    SD3's logit-normal, EDM's log-normal with ``time_loc``/``time_scale``) and eps ~ N(0, I) from
+    ``rng`` (unless ``t`` / ``noise`` are given), forms x_t = alpha x_0 + sigma eps and compares
+    ``model_fn(x_in, model_t)`` with the ``prediction`` target (eps, x_0, v, the flow velocity
+    eps - x_0, or EDM's F, whose plain MSE is EDM's lambda(sigma)-weighted denoiser loss) by mean
+    squared (``l2``) or absolute (``l1``) error, optionally weighted by min-SNR-gamma. ``x_in`` is x_t
+    scaled as :func:`forward.network_input_scale` says. On the discrete VP process (a
+    :class:`Schedule`) ``t`` is the int step [B], drawn uniformly from 0..T-1 (other samplings are
+    snapped to the grid), and ``model_fn`` gets ``schedule.model_timesteps[t]``; elsewhere ``t`` is
+    float [B] in the process's time and ``model_fn`` gets :meth:`Process.model_time`.
     """
-    forward.check_prediction(prediction)
+    forward.check_objective(prediction)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}.")
     if min_snr_gamma is not None and not min_snr_gamma > 0:
         raise ValueError(f"min_snr_gamma must be positive or None, got {min_snr_gamma}.")
-    t, noise, x_t = noised_inputs(schedule, x0, rng, t, noise)
-    output = model_fn(x_t, schedule.model_timesteps[t])
+    process = as_process(process)
+    t_rng, noise_rng = jax.random.split(rng)
+    batch = x0.shape[0]
+    if t is None and (time_sampling != "uniform" or not process.is_discrete):
+        t = sample_training_times(process, t_rng, batch, time_sampling, time_loc, time_scale)
+        if process.is_discrete:  # snap to the step whose node (k + 1) / T is nearest above
+            T = process.num_timesteps
+            t = jnp.clip(jnp.ceil(t * T) - 1, 0, T - 1).astype(jnp.int32)
+    if process.is_discrete:
+        schedule = process.schedule
+        if prediction in forward.PREDICTIONS:  # the DDPM table path, exactly as it always was
+            t, noise, x_t = noised_inputs(schedule, x0, t_rng, t, noise)
+            output = model_fn(x_t, schedule.model_timesteps[t])
+            _check_output(output, x0)
+            target = forward.training_target(schedule, x0, t, noise, prediction)
+            per_example = _per_example_error(output, target, loss_type)
+            if min_snr_gamma is not None:
+                per_example = per_example * min_snr_weight(
+                    schedule.snr[t], min_snr_gamma, prediction
+                )
+            return per_example
+        if t is None:
+            t = jax.random.randint(t_rng, (batch,), 0, schedule.num_timesteps)
+        alpha = forward.extract(schedule.sqrt_alphas_cumprod, t, x0)
+        sigma = forward.extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0)
+        model_t = schedule.model_timesteps[t]
+    else:
+        t = jnp.asarray(t, jnp.float32)
+        alpha, sigma = process.alpha_sigma(t)
+        alpha = alpha.reshape((batch,) + (1,) * (x0.ndim - 1))
+        sigma = sigma.reshape(alpha.shape)
+        model_t = process.model_time(t)
+    if noise is None:
+        noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    x_t = alpha * x0 + sigma * noise
+    scale = None
+    if prediction == "edm" or process.kind == "edm":
+        scale = forward.network_input_scale(
+            alpha, sigma, prediction, process.kind, process.sigma_data
+        )
+    output = model_fn(x_t if scale is None else x_t * scale, model_t)
+    _check_output(output, x0)
+    target = forward.output_target(x0, noise, alpha, sigma, prediction, process.sigma_data)
+    per_example = _per_example_error(output, target, loss_type)
+    if min_snr_gamma is not None:
+        k = forward.x0_sensitivity(alpha, sigma, prediction, process.sigma_data)
+        snr = mean_flat(jnp.broadcast_to(jnp.square(alpha / sigma), x0.shape))
+        per_example = (
+            per_example
+            * jnp.minimum(snr, min_snr_gamma)
+            * mean_flat(jnp.broadcast_to(jnp.square(k), x0.shape))
+        )
+    return per_example
+
+
+def discrete_schedule(process: Process | Schedule, what: str) -> Schedule:
+    """The T-step :class:`Schedule` of a discrete VP process; a clear error for any other process."""
+    process = as_process(process)
+    if not process.is_discrete:
+        raise ValueError(
+            f"{what} is defined on the discrete VP process (a T-step beta schedule), not on the "
+            f"{process.kind!r} process."
+        )
+    return process.schedule
+
+
+def _check_output(output: jax.Array, x0: jax.Array) -> None:
     if output.shape != x0.shape:
         raise ValueError(
             f"model output shape {output.shape} must equal the data shape {x0.shape}; a network "
             "with learned variance needs the hybrid loss, not the simple loss."
         )
-    target = forward.training_target(schedule, x0, t, noise, prediction)
-    err = output.astype(jnp.float32) - target
-    per_example = mean_flat(jnp.square(err) if loss_type == "l2" else jnp.abs(err))
-    if min_snr_gamma is not None:
-        per_example = per_example * min_snr_weight(schedule.snr[t], min_snr_gamma, prediction)
-    return per_example
 
 
 def hybrid_loss(
@@ -115,6 +190,7 @@ def hybrid_loss(
     rest. L_vlb = T * L_t in bits per dimension (the t-th term of the bound, scaled to the sum over
     all T terms), computed with a stop-gradient on the mean so that it trains only the variance.
     """
+    schedule = discrete_schedule(schedule, "the hybrid loss (learned variance)")
     forward.check_prediction(prediction)
     t, noise, x_t = noised_inputs(schedule, x0, rng, t, noise)
     output = model_fn(x_t, schedule.model_timesteps[t]).astype(jnp.float32)
@@ -147,6 +223,7 @@ def classifier_loss(
     ``logits_fn(x_t, t) -> [B, num_classes]``; what classifier guidance needs is log p(y | x_t), so
     the classifier is trained on the same noised inputs the sampler will show it (Dhariwal & Nichol).
     """
+    schedule = discrete_schedule(schedule, "the noise-aware classifier loss")
     t, _, x_t = noised_inputs(schedule, x0, rng, t, noise)
     logits = logits_fn(x_t, schedule.model_timesteps[t])
     if logits.ndim != 2 or logits.shape[0] != x0.shape[0]:

@@ -166,7 +166,9 @@ def make_process(
         raise ValueError(f"sigma_data must be positive, got {sigma_data}.")
     if kind == "vp":
         if schedule is None:
-            raise ValueError("a 'vp' process needs the beta schedule: make_process('vp', schedule=...).")
+            raise ValueError(
+                "a 'vp' process needs the beta schedule: make_process('vp', schedule=...)."
+            )
         return vp(schedule, discrete=discrete, sigma_data=sigma_data)
     return Process(
         schedule=None,
@@ -186,7 +188,7 @@ def as_process(process: Process | Schedule) -> Process:
 
 
 # ----------------------------------------------------------------------------- training times
-def sample_log_snr_or_t(
+def sample_training_times(
     process: Process,
     rng: jax.Array,
     batch: int,
@@ -305,7 +307,9 @@ def sampling_levels(
             kept = karras_timesteps(sched, T if num_steps is None else num_steps, rho)
         elif num_steps is None or num_steps == T:
             if spacing not in SPACINGS:
-                raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS + ('karras',)}.")
+                raise ValueError(
+                    f"unknown spacing {spacing!r}; choose one of {SPACINGS + ('karras',)}."
+                )
             kept = np.arange(T)
         else:
             kept = space_timesteps(T, num_steps, spacing)
@@ -315,7 +319,11 @@ def sampling_levels(
         t = (model_t + 1.0) / process.num_timesteps
     else:
         num_steps = 18 if num_steps is None else num_steps
-        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        if (
+            isinstance(num_steps, bool)
+            or not isinstance(num_steps, (int, np.integer))
+            or num_steps < 1
+        ):
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}.")
         t = _continuous_times(process, int(num_steps), spacing, rho)[::-1].copy()  # increasing in i
         if np.any(np.diff(t) <= 0):

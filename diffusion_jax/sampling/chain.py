@@ -142,10 +142,14 @@ def make_chain(
     if s_churn < 0 or s_noise < 0:
         raise ValueError(f"s_churn and s_noise must be >= 0, got {s_churn} and {s_noise}.")
     if s_churn > 0 and sampler != "heun":
-        raise ValueError(f"s_churn (EDM's stochastic churn) belongs to the heun sampler, not {sampler!r}.")
+        raise ValueError(
+            f"s_churn (EDM's stochastic churn) belongs to the heun sampler, not {sampler!r}."
+        )
     if spacing is None and process.is_discrete:
         spacing = "karras" if solver.ode else "uniform"
-    levels_np = sampling_levels(process, num_steps, spacing, rho=rho, churn=(s_churn, s_tmin, s_tmax))
+    levels_np = sampling_levels(
+        process, num_steps, spacing, rho=rho, churn=(s_churn, s_tmin, s_tmax)
+    )
     if prediction == "eps" and np.any(levels_np.alpha <= 0):
         raise ValueError(
             "an eps-predicting network cannot give x_0 where alpha = 0 (the flow process's t = 1): "

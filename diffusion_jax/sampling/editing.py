@@ -26,7 +26,9 @@ def _chain_options(sampler_kwargs: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("trajectory_steps is not supported by the editing samplers.")
     unknown = set(sampler_kwargs) - set(_CHAIN_OPTIONS) - {"trajectory_steps"}
     if unknown:
-        raise ValueError(f"unknown sampler options {sorted(unknown)}; known: {sorted(_CHAIN_OPTIONS)}.")
+        raise ValueError(
+            f"unknown sampler options {sorted(unknown)}; known: {sorted(_CHAIN_OPTIONS)}."
+        )
     return {k: v for k, v in sampler_kwargs.items() if k != "trajectory_steps"}
 
 

@@ -121,7 +121,12 @@ def dpm_solver_2m(ctx: StepContext, params, x, i, key, aux, model_kwargs):
     first step and at the last (which lands on sigma = 0)."""
     lv = ctx.levels
     pred = ctx.predict(params, x, i, model_kwargs)
-    alpha, sigma, alpha_next, sigma_next = lv.alpha[i], lv.sigma[i], lv.alpha_next[i], lv.sigma_next[i]
+    alpha, sigma, alpha_next, sigma_next = (
+        lv.alpha[i],
+        lv.sigma[i],
+        lv.alpha_next[i],
+        lv.sigma_next[i],
+    )
     x0_prev, h_prev, has_prev = aux
     lam = jnp.log(alpha / sigma)
     lam_next = jnp.log(alpha_next / jnp.where(i > 0, sigma_next, 1.0))
@@ -139,7 +144,12 @@ def dpm_solver_3m(ctx: StepContext, params, x, i, key, aux, model_kwargs):
     ``sample_dpmpp_3m_sde`` with eta = 0): lower order while the history fills and at the last step."""
     lv = ctx.levels
     pred = ctx.predict(params, x, i, model_kwargs)
-    alpha, sigma, alpha_next, sigma_next = lv.alpha[i], lv.sigma[i], lv.alpha_next[i], lv.sigma_next[i]
+    alpha, sigma, alpha_next, sigma_next = (
+        lv.alpha[i],
+        lv.sigma[i],
+        lv.alpha_next[i],
+        lv.sigma_next[i],
+    )
     (x0_1, x0_2), (h_1, h_2), count = aux
     lam = jnp.log(alpha / sigma)
     lam_next = jnp.log(alpha_next / jnp.where(i > 0, sigma_next, 1.0))
