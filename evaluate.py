@@ -17,13 +17,16 @@ import json
 from absl import app, flags, logging
 
 from diffusion_jax import cli_logging
+from diffusion_jax.sampling.solvers import SAMPLERS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/, config.json).")
 flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step to evaluate (default: the newest).")
 flags.DEFINE_list("metrics", ["fd", "pr", "bpd"], "Any of fd, pr, ed, swd, bpd (comma-separated).")
-flags.DEFINE_string("sampler", "ddim", "ddpm | ddim | euler | heun | dpm_solver_2m.")
-flags.DEFINE_integer("num_steps", 50, "Sampler steps; 0 = all T steps of the schedule.")
+flags.DEFINE_enum("sampler", "ddim", SAMPLERS, "The sampler.")
+flags.DEFINE_integer(
+    "num_steps", 50, "Sampler steps; 0 = the process's default (all T steps of a DDPM schedule)."
+)
 flags.DEFINE_float("eta", 0.0, "DDIM eta (0: deterministic).")
 flags.DEFINE_integer("num_samples", None, "Samples to draw (default: the held-out split's size).")
 flags.DEFINE_integer("batch_size", 256, "Sampling batch size (with --seed it fixes the samples).")

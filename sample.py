@@ -21,14 +21,15 @@ import time
 from absl import app, flags
 
 from diffusion_jax import cli_logging
+from diffusion_jax.sampling.solvers import SAMPLERS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/), local or gs://.")
 flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: the newest).")
-flags.DEFINE_string(
-    "sampler", None, "ddpm | ddim | euler | heun | dpm_solver_2m (default: the run's)."
+flags.DEFINE_enum("sampler", None, SAMPLERS, "The sampler (default: the run's).")
+flags.DEFINE_integer(
+    "num_steps", None, "Sampler steps; 0 = the process's default (default: the run's)."
 )
-flags.DEFINE_integer("num_steps", None, "Sampler steps; 0 = all T steps (default: the run's).")
 flags.DEFINE_float("eta", None, "DDIM eta (default: the run's).")
 flags.DEFINE_integer("num_samples", 100, "How many samples.")
 flags.DEFINE_integer("batch_size", 100, "Samples per compiled call.")
@@ -94,7 +95,7 @@ def main(argv):
     )
     seconds = time.time() - start
     s = guided.config.sample
-    sampler, steps = s.sampler, s.num_steps or guided.config.diffusion.num_timesteps
+    sampler, steps = s.sampler, guided.num_steps
     name = f"{sampler}{steps}_w{FLAGS.guidance_scale:g}"
     if FLAGS.classifier_workdir:
         name += f"_c{FLAGS.classifier_scale:g}"

@@ -106,18 +106,33 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
-    """The forward process and the training loss (see :func:`dj.make_schedule`, :func:`dj.diffusion_loss`).
+    """The noise process and the training objective (see :func:`dj.make_process`, :func:`dj.diffusion_loss`).
 
+    ``process``: "vp" (the beta ``schedule`` with ``num_timesteps`` steps; ``discrete`` trains on the
+    T integer steps as DDPM, else on continuous t), "flow" (rectified flow) or "edm" (Karras et al.
+    2022, ``sigma_min``/``sigma_max``/``rho``). ``prediction``: "eps", "x0", "v", "flow" (velocity
+    eps - x_0) or "edm" (the preconditioned denoiser, with ``sigma_data``). ``time_sampling``:
+    "uniform", "logit_normal" (location/scale ``time_loc``/``time_scale``, SD3) or "log_normal"
+    (ln(sigma/alpha) ~ N(time_loc, time_scale^2), EDM's P_mean/P_std = -1.2/1.2).
     ``loss``: "simple" (L_simple, Ho et al. eq. 14) or "hybrid" (L_simple + lambda_vlb L_vlb for a
-    ``learn_sigma`` model). ``label_dropout``: fraction of labels replaced by the null class
-    (classifier-free guidance training).
+    ``learn_sigma`` model on the discrete VP process). ``label_dropout``: fraction of labels
+    replaced by the null class (classifier-free guidance training).
     """
 
+    process: str = "vp"
     schedule: str = "linear"
     num_timesteps: int = 1000
     beta_start: float | None = None
     beta_end: float | None = None
+    discrete: bool = True
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    sigma_data: float = 0.5
     prediction: str = "eps"
+    time_sampling: str = "uniform"
+    time_loc: float = 0.0
+    time_scale: float = 1.0
     loss: str = "simple"
     loss_type: str = "l2"
     min_snr_gamma: float | None = None
@@ -125,9 +140,11 @@ class DiffusionConfig:
     label_dropout: float = 0.0
 
     def __post_init__(self):
+        _choice("diffusion.process", self.process, dj.processes.PROCESSES)
         _choice("diffusion.schedule", self.schedule, dj.schedules.SCHEDULE_NAMES)
         _at_least("diffusion.num_timesteps", self.num_timesteps, 2)
-        _choice("diffusion.prediction", self.prediction, ("eps", "x0", "v"))
+        _choice("diffusion.prediction", self.prediction, dj.forward.OBJECTIVES)
+        _choice("diffusion.time_sampling", self.time_sampling, dj.processes.TIME_SAMPLINGS)
         _choice("diffusion.loss", self.loss, ("simple", "hybrid"))
         _choice("diffusion.loss_type", self.loss_type, ("l2", "l1"))
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
@@ -136,6 +153,34 @@ class DiffusionConfig:
             )
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"diffusion.label_dropout={self.label_dropout!r} must be in [0, 1).")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ConfigError(
+                f"diffusion.sigma_min={self.sigma_min!r} and sigma_max={self.sigma_max!r} must "
+                "satisfy 0 < sigma_min < sigma_max."
+            )
+        for key in ("rho", "sigma_data", "time_scale"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"diffusion.{key}={getattr(self, key)!r} must be > 0.")
+        if self.process == "flow" and self.prediction == "eps":
+            raise ConfigError(
+                "diffusion.prediction='eps' cannot give x_0 at the flow process's t = 1 (alpha = 0, "
+                "pure noise): use 'flow' (the velocity, as rectified flow does), 'v' or 'x0'."
+            )
+        if self.loss == "hybrid" and not (self.process == "vp" and self.discrete):
+            raise ConfigError(
+                "diffusion.loss='hybrid' (learned variance) is defined on the discrete VP process "
+                f"only; got process={self.process!r}, discrete={self.discrete}."
+            )
+        if self.schedule == "cosine" and (self.beta_start, self.beta_end) != (None, None):
+            raise ConfigError(
+                "diffusion.beta_start/beta_end do not apply to the cosine schedule (its betas come "
+                "from alpha-bar(t) = cos^2(...)); remove them or choose another schedule."
+            )
+
+    @property
+    def is_discrete_vp(self) -> bool:
+        """True for the T-step DDPM process (the only one with learned variance and the exact VLB)."""
+        return self.process == "vp" and self.discrete
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,21 +272,46 @@ class SampleConfig:
     """Sample grids of ``num_samples`` (0: none) from the EMA parameters every ``every_steps`` batches
     (0: only at the end).
 
-    ``sampler`` and ``num_steps`` (None: all T steps) as in :func:`dj.make_sampler`.
+    ``sampler``, ``num_steps`` (None: all T steps of the discrete VP process, 18 on the others),
+    ``spacing`` (None: the sampler's default), ``eta`` (DDIM), ``rho`` (karras spacing; None: the
+    process's) and EDM's churn ``s_churn``/``s_tmin``/``s_tmax``/``s_noise`` (heun) as in
+    :func:`dj.make_sampler`.
     """
 
     every_steps: int = 0
     num_samples: int = 64
     sampler: str = "ddpm"
     num_steps: int | None = None
+    spacing: str | None = None
     eta: float = 0.0
     clip_denoised: bool = True
+    rho: float | None = None
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
 
     def __post_init__(self):
         _at_least("sample.every_steps", self.every_steps, 0)
         _at_least("sample.num_samples", self.num_samples, 0)
         _choice("sample.sampler", self.sampler, dj.sampling.SAMPLERS)
         _at_least("sample.num_steps", self.num_steps, 1, allow_none=True)
+        if self.spacing is not None:
+            _choice("sample.spacing", self.spacing, dj.schedules.SPACINGS + ("karras",))
+        _at_least("sample.eta", self.eta, 0.0)
+        _at_least("sample.s_churn", self.s_churn, 0.0)
+        _at_least("sample.s_noise", self.s_noise, 0.0)
+        if self.s_churn > 0 and self.sampler != "heun":
+            raise ConfigError(
+                f"sample.s_churn={self.s_churn} (EDM's churn) needs sample.sampler='heun', got "
+                f"{self.sampler!r}."
+            )
+
+    def sampler_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`dj.make_sampler` this section sets."""
+        names = ("sampler", "num_steps", "spacing", "eta", "clip_denoised", "rho")
+        names += ("s_churn", "s_tmin", "s_tmax", "s_noise")
+        return {k: getattr(self, k) for k in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,6 +465,11 @@ def parse_config(cfg: Any) -> Config:
 
 def _check_consistency(config: Config) -> None:
     """Checks between sections: loss vs learned variance, labels vs classes."""
+    if config.model.learn_sigma and not config.diffusion.is_discrete_vp:
+        raise ConfigError(
+            "model.learn_sigma=True (learned variance) is defined on the discrete VP process only; "
+            f"diffusion.process={config.diffusion.process!r}."
+        )
     if config.diffusion.loss == "hybrid" and not config.model.learn_sigma:
         raise ConfigError("diffusion.loss='hybrid' needs model.learn_sigma=True.")
     if config.model.learn_sigma and config.diffusion.loss != "hybrid":
@@ -412,8 +487,15 @@ def _check_consistency(config: Config) -> None:
 
 
 def incompatible_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Differences in :data:`STATE_DEFINING_KEYS` between two ``Config.to_dict()``s, as 'key: old -> new'."""
+    """Differences in :data:`STATE_DEFINING_KEYS` between two ``Config.to_dict()``s, as 'key: old -> new'.
+
+    A key the saved config lacks (a run from before the key existed) counts as its default value.
+    """
     changes = []
+    try:
+        saved = parse_config(saved).to_dict()
+    except ConfigError:
+        pass  # compare as saved; the differences will name what changed
 
     def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         out = {}
@@ -438,13 +520,29 @@ def build_model(config: Config) -> nn.Module:
 
 
 def build_schedule(config: Any) -> dj.Schedule:
-    """The diffusion :class:`Schedule` of ``config.diffusion`` (a :class:`Config`, or a classifier
+    """The beta :class:`Schedule` of ``config.diffusion`` (a :class:`Config`, or a classifier
     config: any config with a :class:`DiffusionConfig` section)."""
     d = config.diffusion
     kwargs = {
         k: v for k, v in (("beta_start", d.beta_start), ("beta_end", d.beta_end)) if v is not None
     }
     return dj.make_schedule(d.schedule, d.num_timesteps, **kwargs)
+
+
+def build_process(config: Any) -> dj.Process:
+    """The noise :class:`Process` of ``config.diffusion``."""
+    d = config.diffusion
+    schedule = build_schedule(config) if d.process == "vp" else None
+    return dj.make_process(
+        d.process, schedule=schedule, discrete=d.discrete, sigma_min=d.sigma_min,
+        sigma_max=d.sigma_max, rho=d.rho, sigma_data=d.sigma_data,
+    )  # fmt: skip
+
+
+def sampler_num_steps(config: Config) -> int:
+    """How many levels ``config.sample``'s sampler walks (its ``num_steps``, or the process's default)."""
+    s = config.sample
+    return dj.sampling_levels(build_process(config), s.num_steps, s.spacing, rho=s.rho).num_steps
 
 
 def init_params(
@@ -476,7 +574,7 @@ def build_sampler(
 ):
     """``sample(params, rng, shape, **model_kwargs)`` for ``config``'s model, schedule and sampler.
 
-    ``overrides`` replace entries of ``config.sample`` (sampler, num_steps, eta, clip_denoised).
+    ``overrides`` replace entries of ``config.sample`` (sampler, num_steps, spacing, eta, ...).
     A learned-variance model samples with the learned range (improved-DDPM). ``denoise_fn``
     (default: the model's) may wrap the model, e.g. for classifier-free guidance; ``cond_fn`` adds
     classifier guidance (see :func:`dj.make_sampler`).
@@ -486,12 +584,9 @@ def build_sampler(
         denoise_fn = denoise_fn_for(build_model(config) if model is None else model)
     return dj.make_sampler(
         denoise_fn,
-        build_schedule(config),
-        sampler=s.sampler,
-        num_steps=s.num_steps,
+        build_process(config),
         prediction=config.diffusion.prediction,
         variance="learned_range" if config.model.learn_sigma else "fixed_small",
-        clip_denoised=s.clip_denoised,
-        eta=s.eta,
         cond_fn=cond_fn,
+        **s.sampler_kwargs(),
     )

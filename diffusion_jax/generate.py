@@ -39,9 +39,10 @@ class GuidedSampler(NamedTuple):
     data_shape: tuple[int, ...]
     num_classes: int | None
     null_label: int | None
+    num_steps: int  # the sampler's number of levels
 
 
-_SCHEDULE_KEYS = ("schedule", "num_timesteps", "beta_start", "beta_end")
+_SCHEDULE_KEYS = ("process", "discrete", "schedule", "num_timesteps", "beta_start", "beta_end")
 
 
 def make_guided_sampler(
@@ -111,7 +112,8 @@ def make_guided_sampler(
     config = dataclasses.replace(config, sample=dataclasses.replace(config.sample, **overrides))
     sample = config_utils.build_sampler(config, denoise_fn=denoise, cond_fn=cond_fn)
     null_label = model_classes if can_drop_labels else None
-    return GuidedSampler(sample, params, config, data_shape, num_classes, null_label)
+    num_steps = config_utils.sampler_num_steps(config)
+    return GuidedSampler(sample, params, config, data_shape, num_classes, null_label, num_steps)
 
 
 def _check_same_schedule(config, classifier_config, workdir, classifier_workdir) -> None:

@@ -155,7 +155,8 @@ def diffusion_loss(
 
 def discrete_schedule(process: Process | Schedule, what: str) -> Schedule:
     """The T-step :class:`Schedule` of a discrete VP process; a clear error for any other process."""
-    process = as_process(process)
+    if isinstance(process, Schedule):
+        return process
     if not process.is_discrete:
         raise ValueError(
             f"{what} is defined on the discrete VP process (a T-step beta schedule), not on the "

@@ -134,11 +134,12 @@ class Process:
 
 def vp(schedule: Schedule, *, discrete: bool = True, sigma_data: float = 0.5) -> Process:
     """The VP process of a beta :class:`Schedule` (see the module docstring)."""
-    abar = np.asarray(schedule.alphas_cumprod, np.float64)
-    log_abar = np.concatenate([[0.0], np.log(abar)])
+    # jnp, not numpy: the schedule may be a traced jit argument.
+    abar = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+    log_abar = jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.log(abar)])
     return Process(
         schedule=schedule,
-        log_alpha_bar=jnp.asarray(log_abar, jnp.float32),
+        log_alpha_bar=log_abar,
         kind="vp",
         discrete=discrete,
         sigma_data=sigma_data,

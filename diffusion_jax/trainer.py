@@ -75,8 +75,9 @@ def make_train_step(
     tx: optax.GradientTransformation,
     learning_rate_fn: optax.Schedule,
     param_shardings: Any = None,
-) -> Callable[[TrainState, dict[str, jax.Array], dj.Schedule], tuple[TrainState, Metrics]]:
-    """``train_step(state, batch, schedule) -> (state, metrics)`` for one global batch.
+) -> Callable[[TrainState, dict[str, jax.Array], dj.Process], tuple[TrainState, Metrics]]:
+    """``train_step(state, batch, process) -> (state, metrics)`` for one global batch (``process``:
+    the noise :class:`dj.Process`, an argument so that its tables are not baked into the program).
 
     ``param_shardings`` (the parameters' shardings, when some are FSDP-sharded): the step gathers
     the parameters whole for the forward and backward passes and hands the gradients back sharded
@@ -89,7 +90,7 @@ def make_train_step(
     diffusion, accum = config.diffusion, config.optim.grad_accum_steps
     num_classes = config.model.num_classes
 
-    def loss_fn(params, batch, rng, schedule):
+    def loss_fn(params, batch, rng, process):
         loss_rng, dropout_rng, label_rng = jax.random.split(rng, 3)
         y = None
         if num_classes is not None:
@@ -104,24 +105,26 @@ def make_train_step(
 
         if diffusion.loss == "hybrid":
             per_example = dj.hybrid_loss(
-                schedule, model_fn, batch["x"], loss_rng,
+                process, model_fn, batch["x"], loss_rng,
                 prediction=diffusion.prediction, lambda_vlb=diffusion.lambda_vlb,
             )  # fmt: skip
         else:
             per_example = dj.diffusion_loss(
-                schedule, model_fn, batch["x"], loss_rng, prediction=diffusion.prediction,
+                process, model_fn, batch["x"], loss_rng, prediction=diffusion.prediction,
                 loss_type=diffusion.loss_type, min_snr_gamma=diffusion.min_snr_gamma,
+                time_sampling=diffusion.time_sampling, time_loc=diffusion.time_loc,
+                time_scale=diffusion.time_scale,
             )  # fmt: skip
         return jnp.mean(per_example)
 
-    def params_loss(params, batch, rng, schedule):
+    def params_loss(params, batch, rng, process):
         if param_shardings is not None:
             params = sharding.fsdp_gather(params, param_shardings)
-        return loss_fn(params, batch, rng, schedule)
+        return loss_fn(params, batch, rng, process)
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array], schedule: dj.Schedule):
+    def train_step(state: TrainState, batch: dict[str, jax.Array], process: dj.Process):
         loss, grads = jax.value_and_grad(params_loss)(
-            state.params, batch, state.step_rng(), schedule
+            state.params, batch, state.step_rng(), process
         )
         if param_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, param_shardings)
@@ -192,7 +195,7 @@ class Programs:
     """What :func:`train_and_evaluate` compiles, built for a mesh (real devices, or a TPU topology's
     compile-only devices in :mod:`diffusion_jax.aot`).
 
-    ``train_step(state, batch, schedule)`` is jitted with the state sharded by ``state_shardings``
+    ``train_step(state, batch, process)`` is jitted with the state sharded by ``state_shardings``
     (replicated, or FSDP above ``sharding.fsdp_min_size``), the batch split along ``data`` and the
     state donated. ``sample_grid(ema_params)`` is None when ``sample.num_samples = 0``.
     """
@@ -200,7 +203,7 @@ class Programs:
     model: nn.Module
     tx: optax.GradientTransformation
     lr_fn: optax.Schedule
-    schedule: dj.Schedule  # host numpy arrays
+    process: dj.Process  # host numpy arrays
     abstract_state: TrainState
     state_shardings: Any
     batch_keys: tuple[str, ...]
@@ -218,22 +221,22 @@ class Programs:
     def abstract_train_args(
         self, mesh: jax.sharding.Mesh, batch_size: int, data_shape: tuple[int, ...]
     ) -> tuple[Any, ...]:
-        """``(state, batch, schedule)`` as ``jax.ShapeDtypeStruct``: what ``train_step.lower`` takes."""
+        """``(state, batch, process)`` as ``jax.ShapeDtypeStruct``: what ``train_step.lower`` takes."""
         split = sharding.batch_sharding(mesh)
         batch = {"x": jax.ShapeDtypeStruct((batch_size, *data_shape), jnp.float32, sharding=split)}
         if "label" in self.batch_keys:
             batch["label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=split)
-        schedule = jax.tree.map(
+        process = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh)),
-            self.schedule,
+            self.process,
         )
-        return self.abstract_state_args(), batch, schedule
+        return self.abstract_state_args(), batch, process
 
 
 def build_programs(cfg: Config, mesh: jax.sharding.Mesh, data_shape: tuple[int, ...]) -> Programs:
     """The model, optimiser and jitted programs of a training run on ``mesh`` (nothing is run)."""
     model = config_utils.build_model(cfg)
-    schedule = jax.tree.map(np.asarray, config_utils.build_schedule(cfg))
+    process = jax.tree.map(np.asarray, config_utils.build_process(cfg))
     tx, lr_fn = make_optimizer(cfg.optim, cfg.train.num_steps)
     abstract_state = jax.eval_shape(lambda: init_state(model, cfg, data_shape, tx))
     state_shardings = sharding.state_shardings(abstract_state, mesh, cfg.sharding.fsdp_min_size)
@@ -249,7 +252,7 @@ def build_programs(cfg: Config, mesh: jax.sharding.Mesh, data_shape: tuple[int, 
         sample_grid = make_sample_grid_fn(model, cfg, data_shape, mesh)
     batch_keys = ("x", "label") if cfg.model.num_classes is not None else ("x",)
     return Programs(
-        model, tx, lr_fn, schedule, abstract_state, state_shardings, batch_keys, train_step,
+        model, tx, lr_fn, process, abstract_state, state_shardings, batch_keys, train_step,
         sample_grid,
     )  # fmt: skip
 
@@ -439,7 +442,7 @@ def train_and_evaluate(
     )  # fmt: skip
 
     programs = build_programs(cfg, mesh, data_shape)
-    schedule = jax.device_put(programs.schedule, sharding.replicated(mesh))
+    process = jax.device_put(programs.process, sharding.replicated(mesh))
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(programs.abstract_state.params))
     logging.info("Model %s with %s parameters", cfg.model.name, f"{num_params:,}")
 
@@ -463,7 +466,7 @@ def train_and_evaluate(
         profiler = _Profiler(cfg.profile, workdir / "tensorboard", active=is_main)
         stack.callback(profiler.stop)
         return _train_loop(
-            cfg, workdir, mesh, programs, schedule, train_iter, manager, writer, termination,
+            cfg, workdir, mesh, programs, process, train_iter, manager, writer, termination,
             profiler, data_shape, hooks,
         )  # fmt: skip
 
@@ -473,7 +476,7 @@ def _train_loop(
     workdir: epath.Path,
     mesh: jax.sharding.Mesh,
     programs: Programs,
-    schedule: dj.Schedule,
+    process: dj.Process,
     train_iter: Any,
     manager: Any,
     writer: _Writer,
@@ -537,7 +540,7 @@ def _train_loop(
             local = next(train_iter)
             batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
             with jax.transfer_guard("disallow"):
-                state, metrics = train_step(state, batch, schedule)
+                state, metrics = train_step(state, batch, process)
         profiler.after_step(step, state)
         pending.append(metrics)
         if step == start + 1:  # the first step compiles; time the rest
