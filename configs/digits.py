@@ -42,13 +42,22 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # compute dtype; "bfloat16" on TPU / recent GPUs
     config.model.remat = False  # recompute residual blocks on the backward pass (saves memory)
 
-    # Forward process and loss.
+    # Noise process and loss (configs/digits_flow.py and digits_edm.py show the other processes).
     config.diffusion = ml_collections.ConfigDict()
-    config.diffusion.schedule = "linear"
+    config.diffusion.process = "vp"  # vp | flow | edm
+    config.diffusion.schedule = "linear"  # vp: linear | cosine | quadratic | sigmoid | geometric
     config.diffusion.num_timesteps = 1000
     config.diffusion.beta_start = config_dict.placeholder(float)  # None: DDPM's, scaled by 1000/T
     config.diffusion.beta_end = config_dict.placeholder(float)
-    config.diffusion.prediction = "eps"  # eps | x0 | v
+    config.diffusion.discrete = True  # vp: DDPM's T integer steps (False: continuous t)
+    config.diffusion.sigma_min = 0.002  # edm's noise range (and karras spacing's on flow)
+    config.diffusion.sigma_max = 80.0
+    config.diffusion.rho = 7.0
+    config.diffusion.sigma_data = 0.5  # edm preconditioning
+    config.diffusion.prediction = "eps"  # eps | x0 | v | flow | edm
+    config.diffusion.time_sampling = "uniform"  # uniform | logit_normal | log_normal
+    config.diffusion.time_loc = 0.0  # logit_normal / log_normal location and scale
+    config.diffusion.time_scale = 1.0
     config.diffusion.loss = "simple"  # simple | hybrid (with model.learn_sigma)
     config.diffusion.loss_type = "l2"
     config.diffusion.min_snr_gamma = config_dict.placeholder(float)
@@ -87,10 +96,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample = ml_collections.ConfigDict()
     config.sample.every_steps = 500  # 0: only at the end
     config.sample.num_samples = 100  # 0: no samples
-    config.sample.sampler = "ddim"
+    config.sample.sampler = "ddim"  # ddpm | ddim | euler | heun | dpm_solver_2m | dpm_solver_3m
     config.sample.num_steps = 100  # respaced; placeholder(int) (None): all T steps
+    config.sample.spacing = config_dict.placeholder(str)  # None: the sampler's default
     config.sample.eta = 0.0
     config.sample.clip_denoised = True
+    config.sample.rho = config_dict.placeholder(float)  # karras spacing (None: the process's)
+    config.sample.s_churn = 0.0  # heun: EDM's stochastic churn (S_churn, S_tmin, S_tmax, S_noise)
+    config.sample.s_tmin = 0.0
+    config.sample.s_tmax = float("inf")
+    config.sample.s_noise = 1.0
 
     config.sharding = ml_collections.ConfigDict()
     config.sharding.fsdp_min_size = 0  # > 0: shard parameters with at least this many elements

@@ -109,7 +109,7 @@ def diffusion_loss(
     if process.is_discrete:
         schedule = process.schedule
         if prediction in forward.PREDICTIONS:  # the DDPM table path, exactly as it always was
-            t, noise, x_t = noised_inputs(schedule, x0, t_rng, t, noise)
+            t, noise, x_t = noised_inputs(schedule, x0, rng, t, noise)
             output = model_fn(x_t, schedule.model_timesteps[t])
             _check_output(output, x0)
             target = forward.training_target(schedule, x0, t, noise, prediction)

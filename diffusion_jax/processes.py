@@ -29,7 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.schedules import SPACINGS, Schedule, karras_timesteps, space_timesteps
+from diffusion_jax.schedules import (
+    SPACINGS,
+    Schedule,
+    karras_timesteps,
+    log_alphas_cumprod,
+    space_timesteps,
+)
 
 PROCESSES = ("vp", "flow", "edm")
 TIME_SAMPLINGS = ("uniform", "logit_normal", "log_normal")
@@ -301,7 +307,7 @@ def sampling_levels(
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS + ('karras',)}.")
     rho = process.rho if rho is None else rho
     if process.is_discrete:
-        # improved-DDPM respacing: the kept steps keep their alpha-bar (read as stored, float32).
+        # improved-DDPM respacing: the kept steps keep their alpha-bar.
         sched = process.schedule
         T = sched.num_timesteps
         if spacing == "karras":
@@ -314,8 +320,10 @@ def sampling_levels(
             kept = np.arange(T)
         else:
             kept = space_timesteps(T, num_steps, spacing)
-        abar = np.asarray(sched.alphas_cumprod, np.float64)[kept]
-        alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+        # log alpha-bar summed in float64 from the stored betas, so 1 - alpha-bar keeps its digits
+        # where it is tiny (the first steps), as the Schedule's own float64-built tables do.
+        log_abar = log_alphas_cumprod(sched)[kept]
+        alpha, sigma = np.exp(0.5 * log_abar), np.sqrt(-np.expm1(log_abar))
         model_t = np.asarray(sched.model_timesteps)[kept]
         t = (model_t + 1.0) / process.num_timesteps
     else:
@@ -344,7 +352,8 @@ def sampling_levels(
     post_log_var = np.log(np.concatenate([[floor], post_var[1:]]))
     # EDM's churn (Karras et al. Algorithm 2, lines 4-6), raising sigma / alpha by (1 + gamma).
     s_churn, s_tmin, s_tmax = churn
-    ratio = sigma / alpha
+    with np.errstate(divide="ignore"):
+        ratio = sigma / alpha
     n = ratio.shape[0]
     in_range = (ratio >= s_tmin) & (ratio <= s_tmax) & (alpha > 0)  # no level above pure noise
     gamma = np.where(in_range, min(s_churn / n, math.sqrt(2.0) - 1.0), 0.0)

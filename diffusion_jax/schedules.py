@@ -249,6 +249,16 @@ def space_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform"
     return steps
 
 
+def log_alphas_cumprod(schedule: Schedule) -> np.ndarray:
+    """log alpha-bar_t [T], float64 numpy, summed from the stored per-step terms: log1p(-beta) where
+    beta is small, log(alpha) where beta is near 1, so each term keeps float32's relative precision
+    and so do 1 - alpha-bar (tiny at the first steps) and the ratios of alpha-bar between steps,
+    which differences of the float32 alpha-bar would lose."""
+    betas = np.asarray(schedule.betas, np.float64)
+    alphas = np.asarray(schedule.alphas, np.float64)
+    return np.cumsum(np.where(betas < 0.5, np.log1p(-np.minimum(betas, 0.5)), np.log(alphas)))
+
+
 def respace(schedule: Schedule, timesteps: Sequence[int] | np.ndarray) -> Schedule:
     """The schedule restricted to increasing ``timesteps`` (improved-DDPM respacing).
 
@@ -266,10 +276,10 @@ def respace(schedule: Schedule, timesteps: Sequence[int] | np.ndarray) -> Schedu
         raise ValueError(
             f"timesteps must be strictly increasing integers in [0, {num_timesteps - 1}], got {timesteps}."
         )
-    # Read alpha-bar itself (float32-rounded, but without the error a cumulative product of rounded
-    # betas would accumulate), so the kept steps keep their alpha-bar to float32 precision.
-    kept = np.asarray(schedule.alphas_cumprod, np.float64)[timesteps]
-    new_betas = 1.0 - kept / np.append(1.0, kept[:-1])
+    # In log space (see log_alphas_cumprod): 1 - alpha-bar keeps its digits where it is tiny (the
+    # first steps), which differences of the float32-stored alpha-bar lose (1.7e-4 relative).
+    kept = log_alphas_cumprod(schedule)[timesteps]
+    new_betas = -np.expm1(kept - np.append(0.0, kept[:-1]))
     original_t = np.asarray(schedule.model_timesteps)[timesteps]
     return schedule_from_betas(new_betas, model_timesteps=original_t)
 

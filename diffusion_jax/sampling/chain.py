@@ -150,10 +150,10 @@ def make_chain(
     levels_np = sampling_levels(
         process, num_steps, spacing, rho=rho, churn=(s_churn, s_tmin, s_tmax)
     )
-    if prediction == "eps" and np.any(levels_np.alpha <= 0):
+    if prediction in ("eps", "edm") and np.any(levels_np.alpha <= 0):
         raise ValueError(
-            "an eps-predicting network cannot give x_0 where alpha = 0 (the flow process's t = 1): "
-            "use prediction 'flow', 'v' or 'x0', or 'karras' spacing, which stops short of t = 1."
+            f"a {prediction!r}-predicting network cannot give x_0 where alpha = 0 (the flow process's "
+            "t = 1): use prediction 'flow', 'v' or 'x0', or 'karras' spacing, which stops short of t = 1."
         )
     levels = _to_jnp(levels_np, integer_time=process.is_discrete)
     num_sampler_steps = levels_np.num_steps
@@ -201,7 +201,8 @@ def make_chain(
             eps = (x - alpha * x0) / sigma
         return solvers.Prediction(output, x0, eps, model_t)
 
-    ctx = solvers.StepContext(levels, predict, eta, variance, s_noise, churn, cond_fn)
+    flow_frame = process.kind == "flow"
+    ctx = solvers.StepContext(levels, predict, eta, variance, s_noise, churn, flow_frame, cond_fn)
 
     def step(params, x, i, key, aux, model_kwargs):
         """One step x_i -> x_{i-1}: returns (x_{i-1}, x0_hat, aux)."""

@@ -41,6 +41,7 @@ class StepContext(NamedTuple):
     variance: str
     s_noise: float
     churn: bool
+    flow_frame: bool  # heun integrates in x and t (the flow process) rather than y and s
     cond_fn: Callable[..., jax.Array] | None
 
 
@@ -83,36 +84,54 @@ def ddim(ctx: StepContext, params, x, i, key, aux, model_kwargs):
 
 
 def euler(ctx: StepContext, params, x, i, key, aux, model_kwargs):
-    """Euler on the probability-flow ODE dy/ds = eps_hat (Karras et al. Algorithm 1)."""
+    """Euler on the probability-flow ODE dy/ds = eps_hat (Karras et al. Algorithm 1): y' = y + (s' - s)
+    eps_hat, written as x' = alpha' x0_hat + sigma' eps_hat (the same number, and DDIM with eta = 0),
+    which stays finite where alpha = 0 (flow's t = 1; there it is Euler in t on dx/dt = eps - x_0)."""
     lv = ctx.levels
     pred = ctx.predict(params, x, i, model_kwargs)
-    h = lv.sigma_next[i] / lv.alpha_next[i] - lv.sigma[i] / lv.alpha[i]
-    return lv.alpha_next[i] * (x / lv.alpha[i] + h * pred.eps), pred.x0, aux
+    return lv.alpha_next[i] * pred.x0 + lv.sigma_next[i] * pred.eps, pred.x0, aux
 
 
 def heun(ctx: StepContext, params, x, i, key, aux, model_kwargs):
-    """Karras et al. Algorithm 2: churn (raise s to s_hat = s (1 + gamma_i), adding noise of std
-    sqrt(s_hat^2 - s^2) S_noise), an Euler step to the next level, and the trapezoidal correction
-    unless the next level is clean."""
+    """Karras et al. Algorithm 2: churn (raise s = sigma / alpha to s_hat = s (1 + gamma_i), adding
+    noise of std sqrt(s_hat^2 - s^2) S_noise in y = x / alpha), an Euler step to the next level, and
+    the trapezoidal correction unless the next level is clean. In y and s (EDM's own variables on
+    the edm process); on the flow process in x and t (dx/dt = eps_hat - x0_hat, as rectified-flow
+    code does), where s is infinite at t = 1."""
     lv = ctx.levels
-    y = x / lv.alpha[i]
+    alpha, sigma, alpha_next, sigma_next = (
+        lv.alpha[i],
+        lv.sigma[i],
+        lv.alpha_next[i],
+        lv.sigma_next[i],
+    )
+    level, a_hat, s_hat = i, alpha, sigma
     if ctx.churn:
-        s, s_hat = lv.sigma[i] / lv.alpha[i], lv.sigma_hat[i] / lv.alpha_hat[i]
-        y = y + jnp.sqrt(s_hat**2 - s**2) * ctx.s_noise * _noise(key, x)
-        level = (lv.alpha_hat[i], lv.sigma_hat[i], lv.model_t_hat[i])
-        pred = ctx.predict(params, lv.alpha_hat[i] * y, level, model_kwargs)
-    else:
-        s_hat = lv.sigma[i] / lv.alpha[i]
-        pred = ctx.predict(params, x, i, model_kwargs)
-    alpha_next = lv.alpha_next[i]
-    h = lv.sigma_next[i] / alpha_next - s_hat
+        a_hat, s_hat = lv.alpha_hat[i], lv.sigma_hat[i]
+        raise_by = jnp.sqrt(jnp.maximum((s_hat / a_hat) ** 2 - (sigma / alpha) ** 2, 0.0))
+        churned = (a_hat / alpha) * x + a_hat * raise_by * ctx.s_noise * _noise(key, x)
+        x = jnp.where(lv.gamma[i] > 0, churned, x)  # alpha = 0 levels never churn
+        level = (a_hat, s_hat, lv.model_t_hat[i])
+    pred = ctx.predict(params, x, level, model_kwargs)
+    if ctx.flow_frame:  # x and t: on the flow process t = sigma
+        dt = sigma_next - s_hat
+        x_euler = x + dt * (pred.eps - pred.x0)
+
+        def trapezoid(_):
+            second = ctx.predict(params, x_euler, i - 1, model_kwargs)
+            return x + dt * 0.5 * ((pred.eps - pred.x0) + (second.eps - second.x0))
+
+        x_next = jax.lax.cond(i > 0, trapezoid, lambda _: x_euler, None)
+        return x_next, pred.x0, aux
+    y = x / a_hat
+    h = sigma_next / alpha_next - s_hat / a_hat
     y_euler = y + h * pred.eps
 
-    def trapezoid(_):
+    def trapezoid_y(_):
         eps_next = ctx.predict(params, alpha_next * y_euler, i - 1, model_kwargs).eps
         return y + h * 0.5 * (pred.eps + eps_next)
 
-    y_next = jax.lax.cond(i > 0, trapezoid, lambda _: y_euler, None)
+    y_next = jax.lax.cond(i > 0, trapezoid_y, lambda _: y_euler, None)
     return alpha_next * y_next, pred.x0, aux
 
 
