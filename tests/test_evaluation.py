@@ -764,3 +764,36 @@ print(len(jax.devices()), seen[0])
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["4", "4"], proc.stdout
+
+
+def test_evaluate_params_bpd_on_a_flow_process_is_the_ode_likelihood():
+    """On a continuous process the pipeline's bits/dim is the probability-flow ODE's, computed batch
+    by batch as :func:`ode_bits_per_dim` computes it (dequantized 8-bit data, the pipeline's key)."""
+    from diffusion_jax import config_utils
+    from diffusion_jax.evaluation import ode_bits_per_dim, pipeline, quantize_8bit
+
+    config = config_utils.parse_config(
+        _tiny_config(**{"diffusion.process": "flow", "diffusion.prediction": "flow"})
+    )
+    model = config_utils.build_model(config)
+    params = jax.jit(lambda k: config_utils.init_params(model, config, (8, 8, 1), k))(
+        jax.random.key(0)
+    )
+    result = pipeline.evaluate_params(
+        params, config, (8, 8, 1), metrics=("bpd",), bpd_examples=3, ode_bpd_steps=4, seed=5
+    )
+    assert result["bpd_examples"] == 3 and "bpd_per_timestep" not in result
+    assert "probability-flow ODE" in result["bpd_method"]
+    held_out, labels = pipeline.load_split(config.data, config.data.eval_split)
+    x = quantize_8bit(np.asarray(held_out[:3], np.float32))
+    kwargs = {} if config.model.num_classes is None else {"y": jnp.asarray(labels[:3], jnp.int32)}
+    expected = ode_bits_per_dim(
+        config_utils.denoise_fn_for(model), config_utils.build_process(config), params,
+        jnp.asarray(x), jax.random.fold_in(jax.random.key(7), 0), dequantize=True,
+        prediction="flow", num_steps=4, **kwargs,
+    )  # fmt: skip
+    np.testing.assert_allclose(result["bpd"], float(np.mean(expected)), rtol=1e-5)
+    with pytest.raises(ValueError, match="probability-flow ODE"):
+        pipeline.evaluate_params(
+            params, config, (8, 8, 1), metrics=("bpd",), bpd_variance="fixed_large"
+        )

@@ -208,6 +208,43 @@ def test_incompatible_workdir_is_refused(tiny_run):
     assert json.loads((workdir / "config.json").read_text())["model"]["ch"] == 32
 
 
+NEW_IN_ISSUE_24 = {
+    "diffusion": ("process", "discrete", "sigma_min", "sigma_max", "rho", "sigma_data",
+                  "time_sampling", "time_loc", "time_scale"),
+    "sample": ("spacing", "rho", "s_churn", "s_tmin", "s_tmax", "s_noise"),
+}  # fmt: skip
+
+
+def test_a_run_saved_before_the_noise_process_keys_samples_and_resumes(tiny_run, tmp_path):
+    """A workdir whose config.json and checkpoint configs lack the process keys (written before
+    they existed) loads as the discrete VP run it was, samples identically, and resumes."""
+    workdir, _ = tiny_run
+    old = tmp_path / "old"
+    shutil.copytree(workdir, old)
+    stripped = 0
+    for path in [old / "config.json", *(old / "checkpoints").glob("*/config/metadata")]:
+        saved = json.loads(path.read_text())
+        config = saved.get("config", saved)
+        for section, keys in NEW_IN_ISSUE_24.items():
+            for key in keys:
+                stripped += key in config[section]
+                config[section].pop(key, None)
+        path.write_text(json.dumps(saved))
+    assert stripped >= 3 * 15  # config.json and both checkpoints lost every new key
+    new_run = checkpoints.load_sampler(workdir, sampler="ddim", num_steps=4)
+    old_run = checkpoints.load_sampler(old, sampler="ddim", num_steps=4)
+    assert old_run.config == new_run.config
+    shape = (3, *old_run.data_shape)
+    chex.assert_trees_all_equal(
+        old_run.sample(old_run.params, jax.random.key(2), shape),
+        new_run.sample(new_run.params, jax.random.key(2), shape),
+    )
+    config = tiny_config()
+    config.train.num_steps = 25
+    state = trainer.train_and_evaluate(config, old)
+    assert int(state.step) == 25
+
+
 @pytest.mark.parametrize(
     "section, key, message",
     [

@@ -28,7 +28,9 @@ Metrics (``metrics=``):
 - ``bpd``: the negative variational bound in bits/dim on the held-out split (quantized to 8 bits),
   all T terms (:mod:`.likelihood`); learned variance if the model has it, else ``fixed_large``
   (much tighter than ``fixed_small``); x0_hat clipped to [-1, 1] as improved-diffusion's
-  ``image_nll.py`` does; conditional on the true label for a class-conditional model.
+  ``image_nll.py`` does; conditional on the true label for a class-conditional model. For a
+  continuous process (flow, EDM, continuous VP): the probability-flow ODE's log-likelihood of the
+  uniformly dequantized data with a Hutchinson trace (score_sde's method), also an upper bound.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import numpy as np
 from diffusion_jax.evaluation import digits as digits_lib
 from diffusion_jax.evaluation import distances
 from diffusion_jax.evaluation.export import export_samples, generate_samples
-from diffusion_jax.evaluation.likelihood import evaluate_bpd, make_bpd_fn
+from diffusion_jax.evaluation.likelihood import evaluate_bpd, make_bpd_fn, make_ode_bpd_fn
 
 METRICS = ("fd", "pr", "ed", "swd", "bpd")
 FeatureFn = Callable[[np.ndarray], np.ndarray]
@@ -178,6 +180,7 @@ def evaluate_params(
     bpd_examples: int | None = None,
     bpd_batch_size: int = 64,
     bpd_variance: str | None = None,
+    ode_bpd_steps: int = 100,
     inception_weights: str | None = None,
     max_reference: int = 50_000,
     train_floor_repeats: int = 5,
@@ -185,12 +188,13 @@ def evaluate_params(
 ) -> dict[str, Any]:
     """Metrics of a model given its (EMA) ``params`` and typed training ``config``; returns a flat dict.
 
-    See the module docstring for the metrics, references and floors. ``num_samples`` defaults to the
-    held-out split's size; samples come from ``config``'s sampler with ``sampler``/``num_steps``/
-    ``eta`` overridden, batch ``i`` seeded with ``fold_in(key(seed), i)``; class-conditional models
-    get labels drawn uniformly with ``seed``. ``bpd_examples`` limits bits/dim to the first examples
-    of the held-out split (all by default: T network evaluations per example). ``export_dir`` also
-    writes the samples as npz + PNGs there.
+        See the module docstring for the metrics, references and floors. ``num_samples`` defaults to the
+        held-out split's size; samples come from ``config``'s sampler with ``sampler``/``num_steps``/
+        ``eta`` overridden, batch ``i`` seeded with ``fold_in(key(seed), i)``; class-conditional models
+        get labels drawn uniformly with ``seed``. ``bpd_examples`` limits bits/dim to the first examples
+        of the held-out split (all by default: T network evaluations per example on the discrete VP process;
+    on a continuous one, bits/dim come from the probability-flow ODE with ``ode_bpd_steps`` RK4 steps). ``export_dir`` also
+        writes the samples as npz + PNGs there.
     """
     from diffusion_jax import config_utils
 
@@ -267,12 +271,29 @@ def evaluate_params(
 
     if "bpd" in metrics:
         model = config_utils.build_model(config)
-        schedule = config_utils.build_schedule(config)
-        variance = bpd_variance or ("learned_range" if config.model.learn_sigma else "fixed_large")
-        bpd_fn = make_bpd_fn(
-            config_utils.denoise_fn_for(model), schedule, prediction=config.diffusion.prediction,
-            variance=variance, clip_denoised=True,
-        )  # fmt: skip
+        process = config_utils.build_process(config)
+        denoise_fn = config_utils.denoise_fn_for(model)
+        if process.is_discrete:  # the exact variational bound over all T steps
+            variance = bpd_variance or (
+                "learned_range" if config.model.learn_sigma else "fixed_large"
+            )
+            bpd_fn = make_bpd_fn(
+                denoise_fn, process.schedule, prediction=config.diffusion.prediction,
+                variance=variance, clip_denoised=True,
+            )  # fmt: skip
+            method = f"variational bound, {variance}, T={process.num_timesteps}"
+        else:  # the probability-flow ODE's likelihood of dequantized data
+            if bpd_variance is not None:
+                raise ValueError(
+                    "bpd_variance applies to the discrete VP process's variational bound; a "
+                    f"{process.kind!r} process's bits/dim come from its probability-flow ODE."
+                )
+            variance = None
+            bpd_fn = make_ode_bpd_fn(
+                denoise_fn, process, prediction=config.diffusion.prediction,
+                num_steps=ode_bpd_steps,
+            )  # fmt: skip
+            method = f"probability-flow ODE, {ode_bpd_steps} RK4 steps, dequantized"
         x = held_out if bpd_examples is None else held_out[:bpd_examples]
         y = None
         if num_classes is not None and held_out_labels is not None:
@@ -284,11 +305,15 @@ def evaluate_params(
                 batch_size=min(bpd_batch_size, len(x)), labels=y,
             )  # fmt: skip
         result.update(
-            bpd=bpd["bpd"], bpd_stderr=bpd["bpd_stderr"], bpd_prior=bpd["prior_bpd"],
-            bpd_decoder=bpd["decoder_bpd"], bpd_examples=bpd["num_examples"], bpd_variance=variance,
-            bpd_timesteps=int(schedule.num_timesteps),
+            bpd=bpd["bpd"], bpd_stderr=bpd["bpd_stderr"], bpd_examples=bpd["num_examples"],
+            bpd_variance=variance, bpd_method=method,
         )  # fmt: skip
-        result["bpd_per_timestep"] = [float(v) for v in bpd["vb_bpd"]]
+        if "vb_bpd" in bpd:
+            result.update(
+                bpd_prior=bpd["prior_bpd"], bpd_decoder=bpd["decoder_bpd"],
+                bpd_timesteps=process.num_timesteps,
+            )  # fmt: skip
+            result["bpd_per_timestep"] = [float(v) for v in bpd["vb_bpd"]]
     result["seconds"] = timer.times
     return result
 
@@ -376,6 +401,6 @@ def format_result(result: dict[str, Any]) -> str:
     if "bpd" in result:
         lines.append(
             f"{'bits/dim':>9} {result['bpd']:.4f} +- {result['bpd_stderr']:.4f} "
-            f"({result['bpd_examples']} held-out examples, {result['bpd_variance']}, T={result['bpd_timesteps']})"
+            f"({result['bpd_examples']} held-out examples; {result['bpd_method']})"
         )
     return "\n".join(lines)
