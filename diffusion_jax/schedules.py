@@ -163,6 +163,11 @@ def betas_for_schedule(
     """
     num_timesteps = _check_num_timesteps(num_timesteps)
     if name == "cosine":
+        if (beta_start, beta_end) != (None, None):
+            raise ValueError(
+                "beta_start/beta_end do not apply to the cosine schedule: its betas come from "
+                "alpha-bar = cos^2 (clipped at max_beta). Drop them, or use a linear schedule."
+            )
         u = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
         alpha_bar = cosine_alpha_bar(u, cosine_s)
         return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)

@@ -293,6 +293,25 @@ def test_inpainting_keeps_the_known_region():
         dj.make_inpainter(oracle_eps, SCHEDULE, resample=0)
 
 
+def test_repaint_resamples_every_step_but_the_last():
+    """RePaint with jump length 1: each of the first S - 1 steps runs ``resample`` times, the last
+    (onto the clean image) once; it used to be repeated on its own output (issue 22)."""
+    calls = []
+
+    def counting_eps(params, x, t):
+        jax.debug.callback(lambda t: calls.append(int(np.asarray(t).ravel()[0])), t)
+        return jnp.zeros_like(x)
+
+    images = jnp.zeros((2, 4, 4, 1))
+    mask = jnp.zeros((1, 4, 4, 1)).at[:, :, :2].set(1.0)
+    levels = dj.sampling_levels(dj.make_process("vp", schedule=SCHEDULE), 5, "uniform")
+    inpaint = dj.make_inpainter(counting_eps, SCHEDULE, sampler="ddim", num_steps=5, resample=3)
+    jax.block_until_ready(jax.jit(inpaint)(None, jax.random.key(0), images, mask))
+    jax.effects_barrier()
+    expected = [int(t) for t in levels.model_t[::-1] for _ in range(3)][:-2]
+    assert calls == expected, calls
+
+
 def test_img2img_strength():
     # Images from the data distribution: a light edit stays near them, a full one is a new sample.
     images = PARAMS["mu"] + PARAMS["s"] * jax.random.normal(jax.random.key(0), (512, 4))

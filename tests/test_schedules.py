@@ -127,6 +127,8 @@ def test_user_betas_and_errors():
         dj.make_schedule("linear", 10.5)
     with pytest.raises(ValueError, match="only apply to named"):
         dj.make_schedule(betas=[0.1], beta_start=0.1)
+    with pytest.raises(ValueError, match="do not apply to the cosine schedule"):
+        dj.make_schedule("cosine", 100, beta_end=0.02)  # was silently ignored (issue 22)
 
 
 def test_schedule_is_a_jit_argument():

@@ -272,6 +272,8 @@ def test_unknown_config_keys_fail_naming_the_key(section, key, message):
         ("model.name", "transformer", "model.name='transformer' is not one of"),
         ("diffusion.loss", "hybrid", "needs model.learn_sigma=True"),
         ("optim.weight_decay", 0.1, "needs optim.optimizer='adamw'"),
+        ("diffusion.process", "ve", "diffusion.process='ve' is not one of"),
+        ("diffusion.time_sampling", "beta", "diffusion.time_sampling='beta' is not one of"),
     ],
 )
 def test_invalid_config_values_fail_naming_the_key(path, value, message):
