@@ -98,9 +98,14 @@ def denoise(p, x_t, t, y=None):
     return model.apply({"params": p}, x_t, t, train=False)
 def loss(p, x, t):
     return jnp.mean(denoise(p, x, t) ** 2)
-sample = dj.make_sampler(denoise, dj.make_schedule("linear", 1000), sampler="ddim", num_steps=3)
+samplers = {  # DDPM's process, and EDM's with Heun's stochastic churn (its noise drawn per step)
+    "ddim": dj.make_sampler(denoise, dj.make_schedule("linear", 1000), sampler="ddim", num_steps=3),
+    "edm_heun": dj.make_sampler(denoise, dj.make_process("edm"), sampler="heun", num_steps=3,
+                                prediction="edm", s_churn=2.0),
+}
 keys = jax.random.split(jax.random.key(3), 2)
-ref = [np.asarray(jax.jit(sample, static_argnums=2)(params, k, shape)) for k in keys]
+refs = {name: [np.asarray(jax.jit(f, static_argnums=2)(params, k, shape)) for k in keys]
+        for name, f in samplers.items()}
 ref_out, ref_grads = np.asarray(jax.jit(denoise)(params, x, t)), jax.jit(jax.grad(loss))(params, x, t)
 v = np.random.default_rng(1).normal(size=shape).astype(np.float32)
 ref_grad_x = np.asarray(jax.jit(jax.grad(loss, argnums=1))(params, x, t))
@@ -120,13 +125,16 @@ for axis_type in (AxisType.Auto, AxisType.Explicit):
     fsdp_min_size = 1 if axis_type == AxisType.Auto else 0
     p = jax.device_put(params, sharding.state_shardings(abstract, mesh, fsdp_min_size))
     with jax.set_mesh(mesh):
-        s = jax.jit(sample, static_argnums=2, out_shardings=batch)(p, keys[0], shape)
-        assert s.sharding.spec[0] == "data"
-        close(s, ref[0], 1e-3, (axis_type, "sample"))
+        for name, sample in samplers.items():
+            ref = refs[name]
+            s = jax.jit(sample, static_argnums=2, out_shardings=batch)(p, keys[0], shape)
+            assert s.sharding.spec[0] == "data"
+            close(s, ref[0], 1e-3, (axis_type, name))
+            if axis_type == AxisType.Auto:
+                both = jax.jit(lambda p, k: jax.vmap(lambda k: sample(p, k, shape))(k))(p, keys)
+                close(both[0], ref[0], 1e-3, (name, "vmap 0"))
+                close(both[1], ref[1], 1e-3, (name, "vmap 1"))
         if axis_type == AxisType.Auto:  # FSDP training is the trainer tests' own
-            both = jax.jit(lambda p, k: jax.vmap(lambda k: sample(p, k, shape))(k))(p, keys)
-            close(both[0], ref[0], 1e-3, "vmap 0")
-            close(both[1], ref[1], 1e-3, "vmap 1")
             continue
         xs, ts = jax.device_put(x, batch), jax.device_put(t, batch)
         out = jax.jit(denoise)(p, xs, ts)
@@ -145,8 +153,8 @@ print("ok")
 def test_unet_and_sampler_under_any_sharding():
     """On 4 fake CPU devices, automatic (FSDP params) and explicit (``AxisType.Explicit``) sharding:
     the U-Net's forward, gradient and forward-mode directional derivative (``jax.jvp``) on a
-    batch-sharded input, and ``sample`` (jit with a batch-sharded output, and vmap over keys)
-    match the unsharded computation."""
+    batch-sharded input, and ``sample`` on DDPM's and EDM's processes (jit with a batch-sharded
+    output, and vmap over keys) match the unsharded computation."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     proc = subprocess.run(
         [sys.executable, "-c", ANY_SHARDING], env=env, capture_output=True, text=True, timeout=600
