@@ -1,10 +1,12 @@
 """Orbax checkpoints of a training run, and loading the EMA parameters back for sampling.
 
-A workdir holds ``config.json`` (the run's :class:`Config`) and ``checkpoints/<step>/`` with three
-items: ``state`` (the whole :class:`TrainState`: params, EMA, optimiser state, step, PRNG key),
-``data`` (each process's data-iterator position, via grain's Orbax handler) and ``config``. Orbax
-writes each step into a temporary directory and renames it when complete, so a crash mid-save
-leaves the previous checkpoint as the newest good one.
+A workdir holds ``config.json`` (the :class:`Config` of the run's newest start, written with its
+checkpoints) and ``checkpoints/<step>/`` with three items: ``state`` (the whole :class:`TrainState`:
+params, EMA, optimiser state, step, PRNG key), ``data`` (each process's data-iterator position, via
+grain's Orbax handler) and ``config`` (the config that wrote it). Orbax writes each step into a
+temporary directory and renames it when complete, so a crash mid-save leaves the previous
+checkpoint as the newest good one. A run continues only under a config that agrees with both
+records on the keys that define it (:func:`config_utils.defines_run`).
 """
 
 from __future__ import annotations
@@ -79,34 +81,55 @@ def save(
 
 
 def restore_latest(
-    manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any
+    manager: ocp.CheckpointManager,
+    abstract_state: Any,
+    data_iter: Any,
+    config: config_utils.Config | None = None,
 ) -> tuple[Any, int] | None:
     """(state, step) from the newest readable checkpoint, also moving ``data_iter`` to its position.
 
     ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings (where to put the
     arrays). A checkpoint that fails to load is skipped with a warning in favour of the one before,
     and moved to ``<workdir>/checkpoints.unreadable/`` so that the run can save that step again.
-    Returns None when there is no readable checkpoint.
+    With ``config``, each checkpoint's saved config is read first, and one saved by a config that
+    differs in what defines the run raises ``ValueError`` (see :func:`check_compatible`), before
+    anything is restored or moved. Returns None when there is no readable checkpoint.
     """
     import grain
 
+    directory = epath.Path(manager.directory)
     unreadable = []
     for step in sorted(manager.all_steps(), reverse=True):
+        if config is not None:
+            record = directory / str(step) / "config" / "metadata"
+            try:
+                saved = json.loads(record.read_text())["config"]
+            except Exception as e:  # noqa: BLE001 - a checkpoint without its config is unusable
+                _warn_unreadable(manager, step, e)
+                unreadable.append(step)
+                continue
+            check_compatible(
+                saved, config, f"checkpoint {step} in {directory} was saved by a run", record
+            )
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if _has_state(data_iter):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - any failure means: this checkpoint is unusable
-            logging.warning(
-                "Checkpoint at step %d in %s could not be restored (%s: %s); trying the previous one.",
-                step, manager.directory, type(e).__name__, str(e)[:500],
-            )  # fmt: skip
+            _warn_unreadable(manager, step, e)
             unreadable.append(step)
             continue
         _set_aside(manager, unreadable)
         return restored.state, step
     return None
+
+
+def _warn_unreadable(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+    logging.warning(
+        "Checkpoint at step %d in %s could not be restored (%s: %s); trying the previous one.",
+        step, manager.directory, type(error).__name__, str(error)[:500],
+    )  # fmt: skip
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
@@ -184,7 +207,10 @@ def read_config(workdir: epath.PathLike) -> dict[str, Any] | None:
 
 
 def write_config(workdir: epath.PathLike, config: config_utils.Config) -> None:
-    """Writes ``workdir/config.json`` (process 0 only; atomically, via a temporary file)."""
+    """Writes ``workdir/config.json`` (process 0 only; atomically, via a temporary file).
+
+    The trainer writes it with each checkpoint, so that a start that fails leaves it as it was.
+    """
     if jax.process_index() != 0:
         return
     path = epath.Path(workdir) / CONFIG_FILE
@@ -194,21 +220,33 @@ def write_config(workdir: epath.PathLike, config: config_utils.Config) -> None:
 
 
 def check_workdir(workdir: epath.PathLike, config: config_utils.Config) -> None:
-    """Refuses a workdir whose ``config.json`` defines a different model, data or optimiser state.
+    """Refuses a workdir whose ``config.json`` differs from ``config`` in what defines the run (its
+    seed, data, model, noise process or optimiser state; see :func:`config_utils.defines_run`).
 
-    Settings that only change how a run proceeds (steps, logging, checkpointing, sampling, learning
-    rate) may change between runs; see :data:`config_utils.STATE_DEFINING_KEYS`.
+    Settings that only change how a run proceeds (steps, learning rate, logging, checkpointing,
+    sampling) may change between runs. :func:`restore_latest` checks the checkpoint's own config too.
     """
     saved = read_config(workdir)
-    if saved is None:
-        return
+    if saved is not None:
+        path = epath.Path(workdir) / CONFIG_FILE
+        check_compatible(saved, config, f"workdir {workdir} holds a run", path)
+
+
+def check_compatible(
+    saved: dict[str, Any], config: config_utils.Config, holder: str, record: epath.Path
+) -> None:
+    """Raises ``ValueError`` listing the keys that define the run in which ``config`` differs from
+    ``saved`` (the config recorded in ``record``, described by ``holder``), and what to do."""
     changes = config_utils.incompatible_changes(saved, config.to_dict())
     if changes:
         raise ValueError(
-            f"workdir {workdir} holds a run with an incompatible config, which it would overwrite:\n  "
+            f"{holder} with an incompatible config:\n  "
             + "\n  ".join(changes)
-            + f"\nUse a new --workdir, or restore these settings to continue that run (its config is "
-            f"{epath.Path(workdir) / CONFIG_FILE})."
+            + "\nThese keys define a run (its seed, data, batch size, model, noise process and "
+            "optimiser state), so it cannot continue with them changed; train.num_steps, the "
+            "learning rate, logging, checkpoint and sampling settings may change. Use a new "
+            f"--workdir to train with these settings, or restore them to continue that run (its "
+            f"config is {record})."
         )
 
 

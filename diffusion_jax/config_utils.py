@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -28,18 +29,36 @@ from diffusion_jax.models import MLPDenoiser, UNet
 
 MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "mlp": MLPDenoiser}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Keys whose change makes an existing workdir's checkpoints unusable (different arrays or meaning).
-STATE_DEFINING_KEYS = (
+# What a run is: its checkpoints continue only under a config that agrees on these keys (a name
+# covers its whole section). They fix the state's arrays (model, optimiser), what the loss means
+# (diffusion), the examples and their order (data; train.batch_size, as the data position counts
+# batches) and the random streams (seed). Everything else may change between runs: how long
+# (train.num_steps), the learning rate and its schedule, EMA, logging, checkpoints, samples, sharding.
+RUN_DEFINING_KEYS = (
+    "seed",
     "model",
     "diffusion",
-    "data.source",
-    "data.name",
-    "data.image_size",
-    "data.channels",
-    "data.use_labels",
+    "data",
+    "train.batch_size",
     "optim.optimizer",
     "optim.grad_accum_steps",
 )
+# Data keys that say only where the files are and how fast they are read.
+ADJUSTABLE_DATA_KEYS = (
+    "data.data_dir",
+    "data.download",
+    "data.eval_split",
+    "data.on_bad_file",
+    "data.verify_images",
+    "data.num_workers",
+    "data.num_threads",
+    "data.prefetch_batches",
+)
+# Keys of which only a property defines the run: clipping on or off changes the optimiser state's
+# structure, a new clipping threshold does not.
+_RUN_DEFINING_PROPERTIES: dict[str, Callable[[Any], Any]] = {
+    "optim.grad_clip_norm": lambda norm: norm > 0,
+}
 
 
 class ConfigError(ValueError):
@@ -67,6 +86,7 @@ def check_module_kwargs(
     known = _module_fields(module_cls)
     for key, value in kwargs.items():
         if key not in known:
+            where = f" for model {where!r}" if where else ""
             raise ConfigError(_unknown_key_message(f"{section}.{key}", key, known, where))
         if key in ("dtype", "param_dtype"):
             _choice(f"{section}.{key}", value, tuple(DTYPES))
@@ -385,11 +405,12 @@ def _module_fields(module_cls: type[nn.Module]) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(module_cls) if f.name not in ("parent", "name"))
 
 
-def _unknown_key_message(path: str, key: str, known: tuple[str, ...], where: str = "") -> str:
+def _unknown_key_message(
+    path: str, key: str, known: tuple[str, ...], where: str = "", kind: str = "key"
+) -> str:
     near = difflib.get_close_matches(key, known, n=1)
     hint = f" Did you mean {near[0]!r}?" if near else ""
-    where = f" for model {where!r}" if where else ""
-    return f"unknown config key {path!r}{where}.{hint} Known keys: {sorted(known)}."
+    return f"unknown config {kind} {path!r}{where}.{hint} Known keys: {sorted(known)}."
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
@@ -486,8 +507,19 @@ def _check_consistency(config: Config) -> None:
         )
 
 
+def defines_run(key: str) -> bool:
+    """Whether a flat config key ("optim.optimizer") is part of what a run is (see
+    :data:`RUN_DEFINING_KEYS`), so that changing it needs a new workdir."""
+    if key in ADJUSTABLE_DATA_KEYS:
+        return False
+    return key in _RUN_DEFINING_PROPERTIES or any(
+        key == k or key.startswith(k + ".") for k in RUN_DEFINING_KEYS
+    )
+
+
 def incompatible_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Differences in :data:`STATE_DEFINING_KEYS` between two ``Config.to_dict()``s, as 'key: old -> new'.
+    """Differences in the keys that define a run (:func:`defines_run`) between two
+    ``Config.to_dict()``s, as 'key: old -> new'.
 
     A key the saved config lacks (a run from before the key existed) counts as its default value.
     """
@@ -508,10 +540,64 @@ def incompatible_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -
 
     old, new = flat(saved), flat(current)
     for key in sorted(set(old) | set(new)):
-        if any(key == k or key.startswith(k + ".") for k in STATE_DEFINING_KEYS):
-            if old.get(key) != new.get(key):
-                changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+        if not defines_run(key):
+            continue
+        a, b = old.get(key), new.get(key)
+        if key in _RUN_DEFINING_PROPERTIES and a is not None and b is not None:
+            differs = _RUN_DEFINING_PROPERTIES[key](a) != _RUN_DEFINING_PROPERTIES[key](b)
+        else:
+            differs = a != b
+        if differs:
+            changes.append(f"{key}: {a!r} -> {b!r}")
     return changes
+
+
+def check_overrides(config: Any, argv: Sequence[str], flag: str = "config") -> None:
+    """Checks the ``--config.a.b=v`` overrides in ``argv`` against the keys of ``config`` (the
+    ConfigDict they override) before ml_collections applies them, which answers a misspelt section
+    with a bare ``KeyError``. Raises :class:`ConfigError` naming the first unknown section or key
+    and the nearest known one."""
+    pattern = re.compile(rf"^-{{1,2}}(?:no)?{re.escape(flag)}\.([^=]+)")
+    for arg in argv:
+        match = pattern.match(arg)
+        if match is None:
+            continue
+        parts = match.group(1).split(".")
+        node = config
+        for i, part in enumerate(parts):
+            name = part.split("[", 1)[0]  # ch_mult[0]: an element of a sequence
+            path = ".".join([*parts[:i], name])
+            if not hasattr(node, "keys"):
+                raise ConfigError(f"{'.'.join(parts[:i])!r} is a value, not a section: {arg}")
+            if name not in node.keys():
+                kind = "section" if i < len(parts) - 1 else "key"
+                known = tuple(node.keys())
+                raise ConfigError(_unknown_key_message(path, name, known, f" in {arg}", kind))
+            node = node[name]
+
+
+def check_command_line(argv: Sequence[str], flag: str = "config") -> None:
+    """:func:`check_overrides` for a command line (flagfiles expanded) and the config file that its
+    ``--config`` names, loaded as ml_collections loads it. A file that does not load is left for
+    ml_collections to report."""
+    import ml_collections
+    from absl import flags
+    from ml_collections.config_flags import config_flags
+
+    argv = flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+    path = None
+    for i, arg in enumerate(argv):
+        name, _, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name == flag:
+            path = value if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+    if path is None:
+        return
+    try:
+        config = config_flags.ConfigFileFlagParser(flag, lock_config=False).parse(path)
+    except Exception:  # noqa: BLE001 - ml_collections reports it when it parses the flags
+        return
+    if isinstance(config, ml_collections.ConfigDict):
+        check_overrides(config, argv, flag)
 
 
 def build_model(config: Config) -> nn.Module:

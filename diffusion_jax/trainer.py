@@ -405,13 +405,28 @@ def _check_finite(
     return count
 
 
+def _check_labels(labels: np.ndarray, num_classes: int, step: int) -> None:
+    """Raises if a host batch has labels outside [0, num_classes) (the model's embedding would give
+    NaN there at the step; label num_classes is its null class)."""
+    low, high = int(np.min(labels)), int(np.max(labels))
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"the batch of step {step} has labels in [{low}, {high}] but model.num_classes="
+            f"{num_classes}: labels must lie in [0, {num_classes}). Set model.num_classes to the "
+            "data's number of classes, or fix the labels."
+        )
+
+
 def train_and_evaluate(
     config: Any, workdir: str | epath.PathLike, *, hooks: Sequence[Callable[[int], None]] = ()
 ) -> TrainState:
     """Trains the model of ``config`` (a ConfigDict from ``configs/`` or a parsed :class:`Config`),
-    writing checkpoints, ``config.json``, TensorBoard logs and sample PNGs into ``workdir``.
+    writing checkpoints, ``config.json`` (with each checkpoint), TensorBoard logs and sample PNGs
+    into ``workdir``.
 
-    Resumes from the newest checkpoint in ``workdir`` if there is one. Returns the final state.
+    Resumes from the newest checkpoint in ``workdir`` if there is one, after checking ``config``
+    against ``config.json`` and the checkpoint's own config (a change of what defines the run
+    raises ``ValueError``; see :func:`checkpoints.check_compatible`). Returns the final state.
     ``hooks`` are called as ``hook(step)`` on every process after every step (notebook progress
     bars, tests that inject failures). On SIGTERM or a TPU preemption notice it saves and returns
     early; rerun the same command to continue.
@@ -427,13 +442,19 @@ def train_and_evaluate(
     checkpoints.check_workdir(workdir, cfg)
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-    checkpoints.write_config(workdir, cfg)
 
     info = data.dataset_info(cfg.data)
     data_shape = tuple(info.shape)
-    if cfg.model.num_classes is not None and info.num_classes is None:
+    num_classes = cfg.model.num_classes
+    if num_classes is not None and info.num_classes is None:
         raise ValueError(
-            f"model.num_classes={cfg.model.num_classes} but the data ({cfg.data.source}) have no labels."
+            f"model.num_classes={num_classes} but the data ({cfg.data.source}) have no labels."
+        )
+    if num_classes is not None and info.num_classes > num_classes:
+        raise ValueError(
+            f"the data ({cfg.data.source}) have {info.num_classes} classes, labels in "
+            f"[0, {info.num_classes - 1}], but model.num_classes={num_classes}: set "
+            f"model.num_classes={info.num_classes}."
         )
     logging.info(
         "%d process(es), %d device(s) (%s); global batch %d, %d per process; data %s, %d examples of shape %s",
@@ -491,7 +512,7 @@ def _train_loop(
 
     target = programs.abstract_state_args()
     steps_on_disk = sorted(manager.all_steps())
-    restored = checkpoints.restore_latest(manager, target, train_iter)
+    restored = checkpoints.restore_latest(manager, target, train_iter, cfg)
     if restored is not None:
         state, start = restored
         logging.info("Resuming from the checkpoint at step %d in %s", start, manager.directory)
@@ -519,6 +540,7 @@ def _train_loop(
         nonlocal last_saved
         _check_finite(state, cfg, last_saved, workdir)  # never save a run that must stop
         checkpoints.save(manager, step, state, train_iter, cfg, data_shape)
+        checkpoints.write_config(workdir, cfg)  # only now: a start that fails leaves it as it was
         last_saved = step
 
     def draw_samples(step: int) -> None:
@@ -538,6 +560,8 @@ def _train_loop(
         profiler.before_step(step)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):  # steps in the profile
             local = next(train_iter)
+            if "label" in batch_keys:
+                _check_labels(local["label"], cfg.model.num_classes, step)
             batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
             with jax.transfer_guard("disallow"):
                 state, metrics = train_step(state, batch, process)

@@ -71,12 +71,19 @@ def test_workdir_config_check(tmp_path, config):
     checkpoints.check_workdir(tmp_path, config)  # no config.json yet: fine
     checkpoints.write_config(tmp_path, config)
     checkpoints.check_workdir(tmp_path, config)
-    longer = tiny_config()
+    longer = tiny_config()  # how long, how fast, how often: may change between runs
     longer.train.num_steps = 1000
+    longer.train.log_every_steps = 7
     longer.optim.learning_rate = 1e-4
-    checkpoints.check_workdir(
-        tmp_path, config_utils.parse_config(longer)
-    )  # run settings may change
+    longer.optim.grad_clip_norm = 0.5
+    longer.ema.decay = 0.99
+    longer.checkpoint.every_steps = 3
+    longer.sample.num_samples = 0
+    longer.sample.sampler = "ddpm"
+    longer.data.num_threads = 2
+    longer.data.verify_images = False
+    longer.sharding.fsdp_min_size = 1024
+    checkpoints.check_workdir(tmp_path, config_utils.parse_config(longer))
     other = tiny_config()
     other.diffusion.num_timesteps = 200
     other.data.image_size = 16
@@ -85,3 +92,26 @@ def test_workdir_config_check(tmp_path, config):
     assert "diffusion.num_timesteps: 100 -> 200" in str(e.value)
     assert "data.image_size: 8 -> 16" in str(e.value)
     assert "Use a new --workdir" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "path, value, change",
+    [
+        ("seed", 3, "seed: 0 -> 3"),
+        ("data.split", "all", "data.split: 'train' -> 'all'"),
+        ("data.path", "x.npz", "data.path: '' -> 'x.npz'"),
+        ("data.num_points", 100, "data.num_points: 0 -> 100"),
+        ("train.batch_size", 16, "train.batch_size: 8 -> 16"),
+        ("optim.grad_clip_norm", 0.0, "optim.grad_clip_norm: 1.0 -> 0.0"),
+        ("optim.optimizer", "adamw", "optim.optimizer: 'adam' -> 'adamw'"),
+        ("diffusion.time_sampling", "logit_normal", "diffusion.time_sampling: 'uniform' ->"),
+    ],
+)
+def test_keys_that_define_a_run_cannot_change(tmp_path, config, path, value, change):
+    checkpoints.write_config(tmp_path, config)
+    other = tiny_config()
+    section, _, key = path.rpartition(".")
+    setattr(other[section] if section else other, key, value)
+    with pytest.raises(ValueError, match="incompatible config") as e:
+        checkpoints.check_workdir(tmp_path, config_utils.parse_config(other))
+    assert change in str(e.value)

@@ -208,6 +208,96 @@ def test_incompatible_workdir_is_refused(tiny_run):
     assert json.loads((workdir / "config.json").read_text())["model"]["ch"] == 32
 
 
+def copy_of(workdir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    return copy
+
+
+def assert_untouched(workdir, saved_config: str) -> None:
+    """A refused start left the workdir as it was: config.json, checkpoints 10 and 20, nothing set aside."""
+    assert (workdir / "config.json").read_text() == saved_config
+    assert checkpoint_steps(workdir) == [10, 20]
+    assert not (workdir / "checkpoints.unreadable").exists()
+
+
+@pytest.mark.parametrize(
+    "path, value, change",
+    [
+        ("seed", 1, "seed: 0 -> 1"),
+        ("data.random_flip", True, "data.random_flip: False -> True"),
+        ("optim.grad_clip_norm", 0.0, "optim.grad_clip_norm: 1.0 -> 0.0"),
+    ],
+)
+def test_resume_refuses_a_change_of_what_the_run_computes(tiny_run, tmp_path, path, value, change):
+    """The seed, the data and the optimiser state's structure define the run: a resume that changes
+    them is refused (naming the keys and how to start afresh) before anything is written."""
+    copy = copy_of(tiny_run[0], tmp_path)
+    saved = (copy / "config.json").read_text()
+    config = tiny_config()
+    config.train.num_steps = 25
+    section, _, key = path.rpartition(".")
+    setattr(config[section] if section else config, key, value)
+    with pytest.raises(ValueError, match=r"incompatible config(.|\n)*") as e:
+        trainer.train_and_evaluate(config, copy)
+    assert change in str(e.value) and "Use a new --workdir" in str(e.value)
+    assert_untouched(copy, saved)
+
+
+def test_resume_checks_the_config_saved_in_the_checkpoint(tiny_run, tmp_path):
+    """config.json deleted: the config saved with the checkpoint being restored still refuses a
+    T=1000 resume of the T=100 run, and the run's own config resumes (and writes config.json)."""
+    copy = copy_of(tiny_run[0], tmp_path)
+    saved = (copy / "config.json").read_text()
+    (copy / "config.json").unlink()
+    config = tiny_config()
+    config.train.num_steps = 25
+    config.diffusion.num_timesteps = 1000
+    with pytest.raises(ValueError, match=r"checkpoint 20 (.|\n)*incompatible config") as e:
+        trainer.train_and_evaluate(config, copy)
+    assert "diffusion.num_timesteps: 100 -> 1000" in str(e.value)
+    assert checkpoint_steps(copy) == [10, 20] and not (copy / "config.json").exists()
+    assert not (copy / "checkpoints.unreadable").exists()
+    config.diffusion.num_timesteps = 100
+    assert int(trainer.train_and_evaluate(config, copy).step) == 25
+    assert json.loads((copy / "config.json").read_text()) == dict(
+        json.loads(saved), train={**json.loads(saved)["train"], "num_steps": 25}
+    )
+
+
+def test_a_start_that_fails_writes_no_config_json(cache, tmp_path):
+    """A wrong config tried first on a new workdir fails at start and leaves no config.json behind,
+    so the run's own command is not refused afterwards."""
+    workdir = tmp_path / "w"
+    wrong = tiny_config()
+    wrong.data.source, wrong.data.path = "arrays", str(tmp_path / "missing.npz")
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        trainer.train_and_evaluate(wrong, workdir)
+    assert not (workdir / "config.json").exists()
+    config = tiny_config()
+    config.train.num_steps = 0
+    assert int(trainer.train_and_evaluate(config, workdir).step) == 0
+
+
+def test_labels_outside_model_num_classes_fail_before_the_first_step(cache, tmp_path, monkeypatch):
+    """model.num_classes=5 on the 10 digit classes, and a batch of label 12 (past the null class
+    10): both stop before any step, naming the labels and model.num_classes, not with a NaN."""
+    config = tiny_config()
+    config.model.num_classes = 5
+    with pytest.raises(ValueError, match=r"labels in \[0, 9\].*model.num_classes=5"):
+        trainer.train_and_evaluate(config, tmp_path / "fewer_classes")
+    real = data.make_train_iterator
+
+    def label_12(batch, index):
+        return dict(batch, label=np.full_like(batch["label"], 12))
+
+    monkeypatch.setattr(
+        data, "make_train_iterator", lambda cfg, **kw: MappedIterator(real(cfg, **kw), label_12)
+    )
+    with pytest.raises(ValueError, match=r"step 1 has labels in \[12, 12\].*model.num_classes=10"):
+        trainer.train_and_evaluate(tiny_config(), tmp_path / "shifted")
+
+
 NEW_IN_ISSUE_24 = {
     "diffusion": ("process", "discrete", "sigma_min", "sigma_max", "rho", "sigma_data",
                   "time_sampling", "time_loc", "time_scale"),
@@ -342,6 +432,38 @@ def test_cli_rejects_an_unknown_override(tmp_path):
     out = run_cli(["--config.train.num_stepz=3"], tmp_path)
     assert out.returncode != 0
     assert "num_stepz" in out.stderr
+
+
+def test_cli_names_an_unknown_config_section_and_the_nearest(tmp_path):
+    out = run_cli(["--config.optimizer.learning_rate=1e-3"], tmp_path)
+    assert out.returncode != 0
+    assert "unknown config section 'optimizer' in --config.optimizer.learning_rate" in out.stderr
+    assert "Did you mean 'optim'?" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config.optimizer.learning_rate=1e-3"], "section 'optimizer'.*Did you mean 'optim'"),
+        (["--config", "X", "--config.modle.ch", "64"], "section 'modle'.*Did you mean 'model'"),
+        (["--noconfig.train.num_stepz"], "key 'train.num_stepz'.*Did you mean 'num_steps'"),
+        (["--config.seed.value=1"], "'seed' is a value, not a section"),
+    ],
+)
+def test_config_overrides_are_checked_against_the_config(argv, message):
+    with pytest.raises(config_utils.ConfigError, match=message):
+        config_utils.check_overrides(tiny_config(), argv)
+
+
+def test_config_overrides_that_exist_pass():
+    from configs import digits_classifier
+
+    argv = ["--config=c.py", "--config.train.num_steps=3", "--noconfig.data.random_flip"]
+    config_utils.check_overrides(tiny_config(), [*argv, "--config.model.ch_mult[0]=2"])
+    config_utils.check_overrides(digits_classifier.get_config(), ["--config.classifier.ch=8"])
+    with pytest.raises(config_utils.ConfigError, match="section 'clasifier'.*'classifier'"):
+        config_utils.check_overrides(digits_classifier.get_config(), ["--config.clasifier.ch=8"])
 
 
 def test_cli_rejects_a_batch_that_does_not_split_over_the_devices(tmp_path):
