@@ -65,7 +65,7 @@ def main(argv):
     )
     summary = {k: v for k, v in result.items() if k != "bpd_per_timestep"}
     logging.info("Result:\n%s", json.dumps(summary, indent=2, default=str))
-    print(f"step {result['step']}, {FLAGS.sampler} {FLAGS.num_steps or 'all'} steps:")
+    print(f"step {result['step']}, {FLAGS.sampler} {result.get('num_steps', FLAGS.num_steps or 'default')} steps:")
     print(pipeline.format_result(result))
 
 

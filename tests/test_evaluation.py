@@ -797,3 +797,8 @@ def test_evaluate_params_bpd_on_a_flow_process_is_the_ode_likelihood():
         pipeline.evaluate_params(
             params, config, (8, 8, 1), metrics=("bpd",), bpd_variance="fixed_large"
         )
+    # Results are named by the levels walked: num_steps=None is 18 on the flow, T on DDPM's process.
+    assert pipeline._levels_walked(config, "euler", None) == 18
+    ddpm = config_utils.parse_config(_tiny_config())
+    assert pipeline._levels_walked(ddpm, "ddpm", None) == ddpm.diffusion.num_timesteps == 100
+    assert pipeline._levels_walked(ddpm, "ddim", 7) == 7

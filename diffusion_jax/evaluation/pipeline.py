@@ -164,6 +164,15 @@ def _sample_metrics(
     return out
 
 
+def _levels_walked(config: Any, sampler: str, num_steps: int | None) -> int:
+    """The number of noise levels ``sampler`` walks with ``num_steps`` (None: the process's default,
+    all T steps of DDPM's process, 18 on a continuous one)."""
+    from diffusion_jax import config_utils
+
+    sample = dataclasses.replace(config.sample, sampler=sampler, num_steps=num_steps)
+    return config_utils.sampler_num_steps(dataclasses.replace(config, sample=sample))
+
+
 def evaluate_params(
     params: Any,
     config: Any,
@@ -238,7 +247,8 @@ def evaluate_params(
                 sample_fn, params, num_samples=n, batch_size=min(batch_size, n),
                 image_shape=tuple(data_shape), seed=seed, labels=labels,
             )  # fmt: skip
-        result.update(sampler=sampler, num_steps=num_steps, eta=eta, num_samples=n, seed=seed)
+        result.update(sampler=sampler, num_steps=_levels_walked(config, sampler, num_steps))
+        result.update(eta=eta, num_samples=n, seed=seed)
         result["class_conditional_samples"] = labels is not None
         if not np.all(np.isfinite(samples)):
             raise FloatingPointError("the sampler produced non-finite values.")
@@ -341,9 +351,7 @@ def evaluate_workdir(
     loaded = checkpoints.load_sampler(workdir, step)
     sampler = options.get("sampler", "ddim")
     num_steps = options.get("num_steps", 50)
-    tag = (
-        f"{sampler}{num_steps if num_steps is not None else loaded.config.diffusion.num_timesteps}"
-    )
+    tag = f"{sampler}{_levels_walked(loaded.config, sampler, num_steps)}"
     eval_dir = os.path.join(workdir, "eval")
     if export:
         options["export_dir"] = os.path.join(eval_dir, f"samples_step{step}_{tag}")
