@@ -818,11 +818,314 @@ print("kept steps:", list(np.asarray(short.model_timesteps)), "new betas:", np.a
     ),
 ]
 
+# --------------------------------------------------------------------------------------------------
+PROCESSES = [
+    (
+        "md",
+        f"""\
+# Three processes side by side: DDPM, flow matching and EDM
+
+{badge("processes")}
+
+Diffusion models differ first in how they add noise. Here the same network is trained three ways,
+each with its own objective and sampled with its own sampler: DDPM (a variance-preserving process,
+Ho et al. 2020), flow matching / rectified flow (Lipman et al. 2022, Liu et al. 2022) and EDM
+(Karras et al. 2022). First on the 2-D Datasaurus dino, where a distance to held-out points scores
+each model, then on the 8x8 digits through the trainer and the `configs/digits*.py` configs.
+
+{SWITCH_DOC}""",
+    ),
+    ("code", INSTALL),
+    (
+        "code",
+        setup(
+            "from diffusion_jax import data\n"
+            "from diffusion_jax.evaluation import distances\n"
+            "from diffusion_jax.processes import sample_training_times\n"
+        ),
+    ),
+    ("code", SHOW),
+    (
+        "md",
+        r"""## 1. Three ways to add noise
+
+All three write $x_t = \alpha_t x_0 + \sigma_t \epsilon$, $\epsilon \sim \mathcal{N}(0, I)$, on
+$t \in [0, 1]$ with $t = 1$ the noisiest, and differ in $\alpha_t, \sigma_t$, in what the network
+predicts, in how training draws $t$ and in the sampler:
+
+| | $\alpha_t$ | $\sigma_t$ | network predicts | training draws | sampler |
+| --- | --- | --- | --- | --- | --- |
+| DDPM (VP) | $\sqrt{\bar\alpha_t}$ | $\sqrt{1 - \bar\alpha_t}$ | $\epsilon$ | one of $T = 1000$ steps, uniformly | ancestral (`ddpm`) or `ddim` |
+| flow matching | $1 - t$ | $t$ | the velocity $\epsilon - x_0$ | $t = \mathrm{sigmoid}(n)$, $n \sim \mathcal{N}(0, 1)$ | `euler` |
+| EDM | $1$ | $\sigma(t)$, 0.002 to 80 | $F$ in $\hat x_0 = c_\text{skip} x_t + c_\text{out} F(c_\text{in} x_t)$ | $\ln \sigma \sim \mathcal{N}(-1.2, 1.2^2)$ | `heun` |
+
+VP keeps $\alpha_t^2 + \sigma_t^2 = 1$ ($\bar\alpha_t$ from DDPM's linear betas); flow interpolates
+on a straight line from data to noise; EDM only adds noise, up to $\sigma = 80$, and rescales the
+network's input and output by $\sigma$ and the data's standard deviation $\sigma_\text{data}$. What
+the three share is the log signal-to-noise ratio $\lambda(t) = 2 \log(\alpha_t / \sigma_t)$
+(`process.log_snr`): two processes at equal $\lambda$ differ only by a scale of $x_t$, so $\lambda$
+is the common axis. Left: $\lambda(t)$; right: where in $\lambda$ each objective spends its training
+examples.""",
+    ),
+    (
+        "code",
+        """\
+processes = {
+    "DDPM (VP)": dj.make_process("vp", schedule=dj.make_schedule("linear", 1000)),
+    "flow matching": dj.make_process("flow"),
+    "EDM": dj.make_process("edm"),  # sigma_min 0.002, sigma_max 80, rho 7, sigma_data 0.5
+}
+TIME_SAMPLING = {  # how each objective draws t: diffusion_loss's time_sampling, time_loc, time_scale
+    "DDPM (VP)": dict(time_sampling="uniform"),
+    "flow matching": dict(time_sampling="logit_normal", time_loc=0.0, time_scale=1.0),
+    "EDM": dict(time_sampling="log_normal", time_loc=-1.2, time_scale=1.2),
+}
+t = np.linspace(0.0, 1.0, 1001)[1:-1]
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+for name, process in processes.items():
+    axes[0].plot(t, process.log_snr(t, np), label=name)
+    opts = TIME_SAMPLING[name]
+    draws = sample_training_times(process, jax.random.key(0), 100_000, opts["time_sampling"],
+                                  opts.get("time_loc", 0.0), opts.get("time_scale", 1.0))
+    axes[1].hist(np.asarray(process.log_snr(draws)), bins=100, range=(-15, 15), density=True,
+                 histtype="step", label=name)
+axes[0].axhline(0.0, color="gray", lw=0.5)
+axes[0].set_xlabel("t")
+axes[0].set_title(r"log SNR $\\lambda(t) = 2 \\log(\\alpha_t / \\sigma_t)$", fontsize=10)
+axes[0].legend()
+axes[1].set_xlabel(r"$\\lambda$")
+axes[1].set_title(r"density of $\\lambda$ at the noise levels training draws", fontsize=10)
+plt.show()""",
+    ),
+    (
+        "md",
+        r"""## 2. The dino
+
+The data are the Datasaurus dino as in `toy_2d.ipynb`: 8000 jittered copies of its 142 points,
+standardised. One network, `dj.MLPDenoiser` with Fourier features of its input (the best of
+`toy_2d`'s), is trained from the same initialisation with the same optimiser, batch and number of
+steps under each process's objective: `dj.diffusion_loss(process, model_fn, x0, key,
+prediction=..., time_sampling=...)`. The only change for the 2-D data is EDM's $\sigma_\text{data}$,
+set to the data's standard deviation (about 1, not the 0.5 of images in $[-1, 1]$), since EDM's
+$c_\text{in}, c_\text{out}, c_\text{skip}$ assume it. The network sees the process's own time
+value (`process.model_time`): the step index for DDPM, $1000 t$ for flow, $250 \ln \sigma$ for EDM.
+
+Each model is sampled at equal cost: the same number of network evaluations (NFE). Heun takes two
+per step but the last, so $S$ Heun steps cost $2S - 1$; the DDPM network is also sampled with DDIM,
+the deterministic sampler of the same process, to separate the process from the sampler.""",
+    ),
+    (
+        "code",
+        """\
+from functools import partial
+
+import optax
+
+points, _ = data.load_points("dino", num_points=8000, seed=0)  # the training set
+reference, _ = data.load_points("dino", "test", num_points=1000, seed=0)  # held out: an independent draw
+SIGMA_DATA = float(points.std())
+OBJECTIVES = {  # the process and what the network predicts
+    "DDPM (VP)": (processes["DDPM (VP)"], "eps"),
+    "flow matching": (processes["flow matching"], "flow"),
+    "EDM": (dj.make_process("edm", sigma_data=SIGMA_DATA), "edm"),
+}
+print(f"{len(points)} training points, std {SIGMA_DATA:.3f}")
+
+NUM_STEPS = 1000 if FAST else 10_000
+CHUNK = 1000
+BATCH = 256
+model = dj.MLPDenoiser(time_embedding="sinusoidal", fourier_features=16)
+tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 2e-3, 100, NUM_STEPS, 1e-4))
+train_points = jnp.asarray(points)
+
+
+@partial(jax.jit, static_argnames="options")
+def train_chunk(params, opt_state, process, key, first_step, options):
+    def step(carry, i):
+        params, opt_state = carry
+        batch_key, loss_key = jax.random.split(jax.random.fold_in(key, first_step + i))
+        x0 = train_points[jax.random.randint(batch_key, (BATCH,), 0, len(train_points))]
+
+        def loss_fn(p):
+            model_fn = lambda x_in, model_t: model.apply({"params": p}, x_in, model_t)
+            return dj.diffusion_loss(process, model_fn, x0, loss_key, **dict(options)).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), jnp.arange(CHUNK))
+    return params, opt_state, losses
+
+
+init_params = model.init(jax.random.key(0), train_points[:1], jnp.zeros((1,)))["params"]
+trained = {}
+for name, (process, prediction) in OBJECTIVES.items():
+    start = time.time()
+    options = tuple(dict(prediction=prediction, **TIME_SAMPLING[name]).items())  # hashable: static
+    params, opt_state, losses = init_params, tx.init(init_params), []
+    for first in range(0, NUM_STEPS, CHUNK):
+        params, opt_state, chunk = train_chunk(params, opt_state, process, jax.random.key(1), first, options)
+        losses.append(chunk)
+    trained[name] = params
+    last = np.concatenate(losses)[-200:].mean()  # each on its own target: not comparable across rows
+    print(f"{name:14s} {NUM_STEPS} steps in {time.time() - start:.0f} s, final {prediction} loss {last:.3f}")""",
+    ),
+    (
+        "code",
+        """\
+ROWS = [("DDPM (VP)", "ddpm"), ("DDPM (VP)", "ddim"), ("flow matching", "euler"), ("EDM", "heun")]
+NFES = [9, 49] if FAST else [9, 19, 49]
+
+
+def steps_for(sampler, nfe):
+    \"\"\"Sampler steps that cost ``nfe`` network evaluations (Heun: 2 per step but the last).\"\"\"
+    return (nfe + 1) // 2 if sampler == "heun" else nfe
+
+
+denoise_fn = lambda p, x_in, model_t: model.apply({"params": p}, x_in, model_t)
+dino_samples = {}
+start = time.time()
+for name, sampler in ROWS:
+    process, prediction = OBJECTIVES[name]
+    for nfe in NFES:
+        sample = dj.make_sampler(denoise_fn, process, sampler=sampler, num_steps=steps_for(sampler, nfe),
+                                 prediction=prediction, clip_denoised=False)  # points are not in [-1, 1]
+        x = jax.jit(sample, static_argnums=2)(trained[name], jax.random.key(2), (1000, 2))
+        dino_samples[name, sampler, nfe] = np.asarray(x)
+print(f"{len(dino_samples)} sets of 1000 samples in {time.time() - start:.0f} s")
+
+
+def scatter(ax, pts, title, limit=3.2):
+    ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.6, color="tab:blue")
+    ax.set(xlim=(-limit, limit), ylim=(-limit, limit), aspect="equal", xticks=[], yticks=[])
+    ax.set_title(title, fontsize=9)
+
+
+energy = {key: distances.energy_distance(x, reference) for key, x in dino_samples.items()}
+fig, axes = plt.subplots(len(ROWS), len(NFES) + 1, figsize=(2.6 * (len(NFES) + 1), 2.6 * len(ROWS)))
+scatter(axes[0, 0], reference, "held-out data")
+for row, (name, sampler) in enumerate(ROWS):
+    if row:
+        axes[row, 0].set_axis_off()
+    for col, nfe in enumerate(NFES, start=1):
+        scatter(axes[row, col], dino_samples[name, sampler, nfe],
+                f"{name}, {sampler}, {nfe} NFE\\nenergy distance {energy[name, sampler, nfe]:.4f}")
+fig.suptitle("1000 samples of each model at equal network evaluations (NFE)", fontsize=11)
+plt.tight_layout()
+plt.show()
+
+floor = distances.energy_distance(data.load_points("dino", num_points=1000, seed=1)[0], reference)
+print("energy distance to 1000 held-out points (and the number of samples with |x| > 4)")
+print(f"{'process, sampler':26s}" + "".join(f"{str(nfe) + ' NFE':>16s}" for nfe in NFES))
+for name, sampler in ROWS:
+    cells = [f"{energy[name, sampler, nfe]:.4f} ({int(np.sum(np.abs(dino_samples[name, sampler, nfe]).max(1) > 4)):3d})"
+             for nfe in NFES]
+    print(f"{name + ', ' + sampler:26s}" + "".join(f"{c:>16s}" for c in cells))
+print(f"{'floor (data vs data)':26s}{floor:16.4f}")""",
+    ),
+    (
+        "md",
+        r"""Read the table against the floor, the score of two independent draws of the data: it shows how far
+from 0 the estimate lands by chance, so differences of that size are noise. In a full run (10,000
+steps each, `FAST` off) the energy distances at 9 / 19 / 49 NFE were 0.048 / 0.014 / 0.0038 for
+DDPM sampled ancestrally, 0.029 / 0.010 / 0.0052 for the same network with DDIM, 0.014 / 0.0083 /
+0.0064 for flow with Euler and 0.27 / 0.017 / 0.0052 for EDM with Heun, against a floor of 0.0045.
+At 49 NFE all four are within 0.002 of the floor. At 9 NFE they separate: flow with Euler is best
+(rectified flow is built so that its sampling paths are close to straight, where Euler's error is
+small), and EDM fails: its 5 Heun levels are $\sigma$ = 80, 17.5, 2.5, 0.17 and 0.002, so one
+step goes from $\sigma = 2.5$, more than the data's standard deviation of 1, to $\sigma = 0.17$.
+With `FAST` on every model is undertrained and the scatter plots are rough.
+
+## 3. The digits
+
+The same comparison on images, through the trainer: `configs/digits.py` (DDPM, $\epsilon$, 1000
+steps), `configs/digits_flow.py` (flow, velocity, logit-normal $t$) and `configs/digits_edm.py`
+(EDM, $F$, log-normal $\sigma$, $\sigma_\text{data} = 0.5$) are one config with the noise process
+and objective changed: the same class-conditional U-Net, data, optimiser, batch and steps.
+`checkpoints.load_sampler(workdir, sampler=..., num_steps=...)` then loads each run's EMA weights
+with a sampler of our choice; all three are deterministic ODE samplers here (DDIM for DDPM), at
+equal NFE, started from the same noise (times $\sigma_\text{max} = 80$ for EDM). In $x_t / \alpha_t$
+against $\sigma_t / \alpha_t$ the three samplers integrate the same probability-flow ODE, whatever
+the process (Song et al. 2021, DDIM sec. 4.3), so networks that had learned the data exactly would
+turn the same noise into nearly the same digit in every row; where the rows differ, the networks or
+the step sizes do. With `FAST` the U-Net is cut to one resolution level with three residual blocks
+and trained for 100 steps, which shows the machinery, not the quality; without it the full-size
+DDPM run is the quickstart's, reused when `quickstart.ipynb` ran in this runtime.""",
+    ),
+    (
+        "code",
+        """\
+import importlib
+import warnings
+
+from diffusion_jax import checkpoints, trainer
+
+with warnings.catch_warnings():  # without ipywidgets tqdm warns, then draws a text bar
+    warnings.simplefilter("ignore")
+    from tqdm.auto import tqdm
+
+CONFIGS = {"DDPM (VP)": "digits", "flow matching": "digits_flow", "EDM": "digits_edm"}
+SAMPLERS = {"DDPM (VP)": "ddim", "flow matching": "euler", "EDM": "heun"}
+
+
+def digits_config(module):
+    config = importlib.import_module(f"configs.{module}").get_config()
+    if FAST:  # a one-level U-Net with three residual blocks, to cut the compile time
+        config.model.attn_resolutions = ()
+        config.model.ch_mult = (1,)
+        config.model.num_res_blocks = 0
+        config.train.num_steps = 100
+        config.train.batch_size = 32
+        config.data.num_threads = 0  # no background reader on a 2-core machine
+        config.optim.warmup_steps = 10
+        config.sample.num_samples = 0
+    # Otherwise each is 1500 steps of batch 64: ~5 minutes on 2 CPU cores, under one on a GPU.
+    config.checkpoint.every_steps = config.train.num_steps
+    config.sample.every_steps = 0
+    return config
+
+
+workdirs = {}
+for name, module in CONFIGS.items():
+    config = digits_config(module)
+    workdirs[name] = os.path.join(ROOT, module + ("_small" if FAST else ""))  # "digits": the quickstart's run
+    bar = tqdm(total=config.train.num_steps, desc=name)
+    start = time.time()
+    state = trainer.train_and_evaluate(config, workdirs[name], hooks=[lambda step, bar=bar: bar.update(step - bar.n)])
+    bar.update(int(state.step) - bar.n)  # a finished run found in its workdir resumes at its last step
+    bar.close()
+    print(f"{name}: step {int(state.step)} in {time.time() - start:.0f} s, in {workdirs[name]}")""",
+    ),
+    (
+        "code",
+        """\
+DIGIT_NFES = [19] if FAST else [9, 19, 35]
+y = jnp.tile(jnp.arange(10), 2)  # classes 0 to 9, twice
+fig, axes = plt.subplots(len(CONFIGS), len(DIGIT_NFES), figsize=(5.2 * len(DIGIT_NFES), 1.5 * len(CONFIGS)), squeeze=False)
+for row, (name, sampler) in enumerate(SAMPLERS.items()):
+    for col, nfe in enumerate(DIGIT_NFES):
+        run = checkpoints.load_sampler(workdirs[name], sampler=sampler, num_steps=steps_for(sampler, nfe))
+        x = jax.jit(run.sample, static_argnums=2)(run.params, jax.random.key(3), (len(y), *run.data_shape), y=y)
+        show(x, columns=10, ax=axes[row, col], title=f"{name}, {sampler}, {nfe} NFE")
+fig.suptitle("class-conditional samples (classes 0 to 9 in each row), same noise in every panel", fontsize=10)
+plt.tight_layout()
+plt.show()""",
+    ),
+    (
+        "md",
+        """From a shell, `python train.py --config configs/digits_flow.py --workdir /tmp/diffusion_digits_flow`
+(or `configs/digits_edm.py`) trains the full-size runs; `sampling_tour.ipynb` compares samplers on
+one process, and `toy_2d.ipynb` the network and the noise schedule on the dino.""",
+    ),
+]
+
 NOTEBOOKS = {
     "quickstart": QUICKSTART,
     "toy_2d": TOY_2D,
     "sampling_tour": SAMPLING_TOUR,
     "schedules": SCHEDULES,
+    "processes": PROCESSES,
 }
 
 

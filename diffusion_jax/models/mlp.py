@@ -2,7 +2,8 @@
 
 The input is ``gelu(Dense(hidden)(concat[features(x), time embedding, class embedding]))``, then
 ``num_layers`` residual blocks ``h + gelu(Dense(h))`` and a Dense to the output. ``t`` is [B]
-0-based timesteps (0 = the paper's t = 1, least noisy).
+the process's network time (:meth:`Process.model_time`: DDPM's 0-based step, 1000 t for flow,
+250 ln sigma for EDM); the net only embeds its value.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The DDPM U-Net (Ho et al. 2020, ``diffusion_tf/models/unet.py``) with the ADM options of
 improved-DDPM / Dhariwal & Nichol (2021): scale-shift norm, multi-head attention, class labels.
 
-Images are NHWC. ``t`` is [B] 0-based timesteps (0 = the paper's t = 1, least noisy); the net only
-embeds its value. With the defaults and a 32x32x3 input this is the paper's 35.7M CIFAR-10 model
+Images are NHWC. ``t`` is [B] the process's network time (DDPM's 0-based step, 0 = the paper's
+t = 1; 1000 t for flow; 250 ln sigma for EDM: :meth:`Process.model_time`); the net only embeds its value. With the defaults and a 32x32x3 input this is the paper's 35.7M CIFAR-10 model
 (35,746,307 parameters).
 """
 
