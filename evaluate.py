@@ -1,9 +1,9 @@
 r"""Evaluate a trained DDPM: ``python evaluate.py --workdir /tmp/diffusion_digits``.
 
-Computes the chosen metrics for the EMA weights of the newest (or ``--checkpoint_step``) checkpoint,
-prints them beside their data-vs-data floors, and writes them to
-``<workdir>/eval/step_<step>_<sampler><steps>.json`` and TensorBoard (``<workdir>/tensorboard``,
-tags ``eval/...``). All the work is in :func:`diffusion_jax.evaluation.pipeline.evaluate_workdir`.
+Computes the chosen metrics for the EMA weights of the newest readable (or ``--checkpoint_step``)
+checkpoint (a damaged newest one is skipped with a warning naming it), prints them beside their
+data-vs-data floors, and writes them to ``<workdir>/eval/step_<step>_<sampler><steps>.json`` and
+TensorBoard (``<workdir>/tensorboard``, tags ``eval/...``). All the work is in :func:`diffusion_jax.evaluation.pipeline.evaluate_workdir`.
 
     python evaluate.py --workdir /tmp/diffusion_digits --metrics fd,pr,bpd --sampler ddim --num_steps 50
     python evaluate.py --workdir /tmp/diffusion_digits --sampler ddpm --num_steps 0   # all T steps
@@ -13,6 +13,7 @@ tags ``eval/...``). All the work is in :func:`diffusion_jax.evaluation.pipeline.
 """
 
 import json
+import sys
 
 from absl import app, flags, logging
 
@@ -45,27 +46,38 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli_logging.quiet_orbax()
+    from diffusion_jax import checkpoints
     from diffusion_jax.evaluation import pipeline
 
-    result = pipeline.evaluate_workdir(
-        FLAGS.workdir,
-        step=FLAGS.checkpoint_step,
-        export=FLAGS.export,
-        metrics=tuple(FLAGS.metrics),
-        sampler=FLAGS.sampler,
-        num_steps=FLAGS.num_steps or None,
-        eta=FLAGS.eta,
-        num_samples=FLAGS.num_samples,
-        batch_size=FLAGS.batch_size,
-        seed=FLAGS.seed,
-        bpd_examples=FLAGS.bpd_examples,
-        bpd_batch_size=FLAGS.bpd_batch_size,
-        bpd_variance=FLAGS.bpd_variance,
-        inception_weights=FLAGS.inception_weights,
-    )
+    try:
+        result = pipeline.evaluate_workdir(
+            FLAGS.workdir,
+            step=FLAGS.checkpoint_step,
+            export=FLAGS.export,
+            metrics=tuple(FLAGS.metrics),
+            sampler=FLAGS.sampler,
+            num_steps=FLAGS.num_steps or None,
+            eta=FLAGS.eta,
+            num_samples=FLAGS.num_samples,
+            batch_size=FLAGS.batch_size,
+            seed=FLAGS.seed,
+            bpd_examples=FLAGS.bpd_examples,
+            bpd_batch_size=FLAGS.bpd_batch_size,
+            bpd_variance=FLAGS.bpd_variance,
+            inception_weights=FLAGS.inception_weights,
+        )
+    except (
+        FileNotFoundError,
+        checkpoints.CorruptCheckpointError,
+        checkpoints.CheckpointUnavailableError,
+        checkpoints.CheckpointRestoreError,
+    ) as e:  # no checkpoint, a damaged --checkpoint_step, storage errors: the message says which
+        sys.exit(f"evaluate.py: {e}")
     summary = {k: v for k, v in result.items() if k != "bpd_per_timestep"}
     logging.info("Result:\n%s", json.dumps(summary, indent=2, default=str))
-    print(f"step {result['step']}, {FLAGS.sampler} {result.get('num_steps', FLAGS.num_steps or 'default')} steps:")
+    print(
+        f"step {result['step']}, {FLAGS.sampler} {result.get('num_steps', FLAGS.num_steps or 'default')} steps:"
+    )
     print(pipeline.format_result(result))
 
 

@@ -8,7 +8,9 @@ r"""Draw samples from a trained run: a PNG grid, an ``.npz`` of uint8 images and
         --classifier_scale 2                                             # classifier guidance
     python sample.py ... --classifier_scale 2 --guidance_scale 0         # ... of the model's unconditional mode
 
-Uses the EMA parameters of the newest (or ``--checkpoint_step``) checkpoint. Samplers: ddpm, ddim,
+Uses the EMA parameters of the newest readable (or ``--checkpoint_step``) checkpoint: its files
+are checked against the checksums saved with it, a damaged newest one is skipped with a warning
+naming it, and a damaged ``--checkpoint_step`` stops with a message naming it. Samplers: ddpm, ddim,
 euler, heun, dpm_solver_2m (``--num_steps 0``: all T steps). Files go to
 ``<workdir>/generated/<sampler><steps>_w<guidance>[_c<classifier scale>]_seed<seed>.{png,npz,json}``
 unless ``--output_dir`` says otherwise; ``arr_0`` holds the images, ``arr_1`` the labels. Batch ``i``
@@ -75,12 +77,17 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli_logging.quiet_orbax()
-    from diffusion_jax import generate
+    from diffusion_jax import checkpoints, generate
     from diffusion_jax.evaluation import export
 
     try:
         guided, labels = _guided_sampler_and_labels(generate)
-    except (ValueError, FileNotFoundError) as e:  # bad flags or workdir: the message says which
+    except (
+        ValueError,  # bad flags, or a damaged --checkpoint_step (CorruptCheckpointError)
+        FileNotFoundError,
+        checkpoints.CheckpointUnavailableError,
+        checkpoints.CheckpointRestoreError,
+    ) as e:  # the message says which flag, step or file
         sys.exit(f"sample.py: {e}")
     start = time.time()
     samples = export.generate_samples(

@@ -477,9 +477,13 @@ def train_and_evaluate(
     )
 
     with contextlib.ExitStack() as stack:
+        if hasattr(train_iter, "close"):  # grain's reader threads and worker processes
+            stack.callback(train_iter.close)
         manager = checkpoints.make_manager(
             workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
         )
+        # Exits in reverse order: wait for the last save (and its checksums) even when the run
+        # failed, then release Orbax's threads and event loop, then the data iterator.
         stack.callback(manager.close)
         stack.callback(manager.wait_until_finished)  # runs first: never exit mid-save
         writer = stack.enter_context(_Writer(workdir / "tensorboard", active=is_main))
@@ -511,16 +515,10 @@ def _train_loop(
     num_steps = cfg.train.num_steps
 
     target = programs.abstract_state_args()
-    steps_on_disk = sorted(manager.all_steps())
     restored = checkpoints.restore_latest(manager, target, train_iter, cfg)
     if restored is not None:
         state, start = restored
         logging.info("Resuming from the checkpoint at step %d in %s", start, manager.directory)
-    elif steps_on_disk:
-        raise RuntimeError(
-            f"none of the checkpoints {steps_on_disk} in {manager.directory} could be restored (see "
-            "the warnings above); move them away to start this run afresh."
-        )
     else:
         init = jax.jit(
             lambda: init_state(programs.model, cfg, data_shape, programs.tx),

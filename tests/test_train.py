@@ -169,12 +169,134 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_run, tmp_
 
     with caplog.at_level(logging.WARNING):
         resumed = trainer.train_and_evaluate(tiny_config(), copy)
-    assert "Checkpoint at step 20" in caplog.text and "could not be restored" in caplog.text
+    assert "checkpoint 20 in" in caplog.text and "is damaged" in caplog.text
     chex.assert_trees_all_equal(jax.device_get(resumed.params), state.params)
     chex.assert_trees_all_equal(jax.device_get(resumed.opt_state), state.opt_state)
     assert checkpoint_steps(copy) == [10, 20]
     assert len(list((copy / "checkpoints.unreadable").iterdir())) == 1
     chex.assert_trees_all_equal(checkpoints.load_ema_params(copy)[0], state.ema_params)
+
+
+def largest_array_file(step_dir):
+    """The largest file under a checkpoint's state/ (an OCDBT data file of the arrays)."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_loaders_fall_back_past_a_truncated_newest_checkpoint(tiny_run, tmp_path, caplog):
+    """Issue 21 item 1: the newest checkpoint's largest array file cut to 100 bytes. Without a step
+    the loaders (load_ema_params, load_sampler, evaluate's resolve_step) use step 10, warning about
+    step 20; asked for step 20 they stop with an error naming it and --checkpoint_step."""
+    from diffusion_jax.evaluation import pipeline
+
+    workdir, _ = tiny_run
+    copy = copy_of(workdir, tmp_path)
+    with open(largest_array_file(copy / "checkpoints" / "20"), "r+b") as f:
+        f.truncate(100)
+    with caplog.at_level(logging.WARNING):
+        params, _ = checkpoints.load_ema_params(copy)
+    assert "checkpoint 20 in" in caplog.text and "is damaged" in caplog.text
+    chex.assert_trees_all_equal(params, checkpoints.load_ema_params(workdir, step=10)[0])
+    assert checkpoints.load_sampler(copy).step == 10
+    assert pipeline.resolve_step(str(copy), None) == 10
+    for load in (checkpoints.load_ema_params, checkpoints.load_sampler, pipeline.resolve_step):
+        with pytest.raises(
+            checkpoints.CorruptCheckpointError,
+            match=r"checkpoint 20 in .*--checkpoint_step.*\[10\]",
+        ):
+            load(copy, step=20)
+    assert checkpoint_steps(copy) == [10, 20]  # readers move nothing
+
+
+def test_loaders_fall_back_past_an_unloadable_checkpoint_saved_without_checksums(
+    tiny_run, tmp_path, caplog
+):
+    """A checkpoint from before checksums (none recorded) whose arrays fail to load: the same
+    fallback, from the load error rather than a checksum."""
+    copy = copy_of(tiny_run[0], tmp_path)
+    step_dir = copy / "checkpoints" / "20"
+    for path in [
+        step_dir / "checksums.json",
+        *(copy / "checkpoints" / "10").glob("checksums.json"),
+    ]:
+        path.unlink()
+    for path in (step_dir / "state").rglob("ocdbt.process_*/d/*"):
+        path.write_bytes(path.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        loaded = checkpoints.load_sampler(copy)
+    assert loaded.step == 10 and "checkpoint 20 in" in caplog.text
+    assert "saved without checksums" in caplog.text
+
+
+def test_sample_py_names_a_damaged_checkpoint_step(tiny_run, tmp_path):
+    copy = copy_of(tiny_run[0], tmp_path)
+    with open(largest_array_file(copy / "checkpoints" / "20"), "r+b") as f:
+        f.truncate(100)
+    out = subprocess.run(
+        [sys.executable, "sample.py", "--workdir", str(copy), "--checkpoint_step", "20"],
+        cwd=ROOT, env=worker_env(tmp_path / "cache"), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "sample.py: checkpoint 20 in" in out.stderr and "--checkpoint_step" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_flipped_byte_is_caught_on_resume_and_by_the_loaders(tiny_run, tmp_path, caplog):
+    """Issue 21 item 7: one byte flipped in the middle of the newest checkpoint's largest array
+    file used to load silently. The checksums saved with each checkpoint catch it: the loaders use
+    step 10 and the trainer resumes from step 10 (setting 20 aside), each naming step 20, and the
+    rerun reaches the uninterrupted run's step-20 state bit for bit."""
+    workdir, state = tiny_run
+    copy = copy_of(workdir, tmp_path)
+    bad = largest_array_file(copy / "checkpoints" / "20")
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    bad.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING):
+        params, _ = checkpoints.load_ema_params(copy)
+    chex.assert_trees_all_equal(params, checkpoints.load_ema_params(workdir, step=10)[0])
+    assert "checkpoint 20 in" in caplog.text and "SHA-256 mismatch" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        resumed = trainer.train_and_evaluate(tiny_config(), copy)
+    assert "checkpoint 20 in" in caplog.text and "SHA-256 mismatch" in caplog.text
+    assert len(list((copy / "checkpoints.unreadable").iterdir())) == 1
+    chex.assert_trees_all_equal(jax.device_get(resumed.params), state.params)
+    assert checkpoint_steps(copy) == [10, 20]
+    assert checkpoints.verify_checksums(copy / "checkpoints" / "20", 20)  # saved again, sealed
+
+
+def test_resume_with_another_num_workers(tiny_run, tmp_path):
+    """Issue 21 item 3: data.num_workers may change between runs. The data position is saved as the
+    next batch index, so a run saved without worker processes resumes with one (its checkpoints
+    were once reported unreadable: KeyError 'exhausted'), at the batch where it stopped (the
+    batches do not depend on the worker count: test_data.py)."""
+    copy = copy_of(tiny_run[0], tmp_path)
+    config = tiny_config()
+    config.train.num_steps = 22
+    config.data.num_workers = 1
+    assert int(trainer.train_and_evaluate(config, copy).step) == 22
+    assert not (copy / "checkpoints.unreadable").exists()
+    saved = json.loads((copy / "checkpoints" / "22" / "data" / "process_0-of-1.json").read_text())
+    assert saved == {"next_index": 22}
+
+
+def test_grain_worker_states_restore_into_any_worker_count():
+    """Data states saved by grain's own worker pipelines (before the iterator counted batches
+    itself) restore too: the workers' positions add up to the next batch index."""
+    cfg = tiny_config().data
+    expected = data.make_train_iterator(cfg, batch_size=4, seed=0)
+    for _ in range(5):
+        next(expected)
+    two_workers = {  # grain's mp_prefetch state after 5 batches from 2 workers (3 + 2)
+        "next_index_in_cycle": 1, "next_index_in_datasets": 2, "iterators_in_use_indices": [0, 1],
+        "iterators_in_use_states": [{"next_index": 3}, {"next_index": 2}], "exhausted": [0, 0],
+        "future_states": {},
+    }  # fmt: skip
+    it = data.make_train_iterator(cfg, batch_size=4, seed=0)
+    it.set_state(two_workers)
+    assert it.get_state() == {"next_index": 5}
+    chex.assert_trees_all_equal(next(it), next(expected))
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
@@ -320,6 +442,8 @@ def test_a_run_saved_before_the_noise_process_keys_samples_and_resumes(tiny_run,
                 stripped += key in config[section]
                 config[section].pop(key, None)
         path.write_text(json.dumps(saved))
+    for path in (old / "checkpoints").glob("*/checksums.json"):
+        path.unlink()  # such runs predate checksums too (edited records would not match them)
     assert stripped >= 3 * 15  # config.json and both checkpoints lost every new key
     new_run = checkpoints.load_sampler(workdir, sampler="ddim", num_steps=4)
     old_run = checkpoints.load_sampler(old, sampler="ddim", num_steps=4)

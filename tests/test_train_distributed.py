@@ -7,6 +7,8 @@ trainer's sharding does not depend on the model); the U-Net runs are in test_tra
 
 from __future__ import annotations
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -117,3 +119,47 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(ca
         stops.append(stopped_at(out))
     assert stops[0] == stops[1] and 20 <= stops[0] < 500
     assert [int(p.name) for p in (workdir / "checkpoints").iterdir()] == [stops[0]]
+
+
+def run_two_processes(tmp_path, cache, workdirs, *extra) -> list[str]:
+    """Both processes of a jax.distributed run; process i uses ``workdirs[i]`` and writes p<i>.npz."""
+    port = free_port()
+    procs = [
+        start_worker(
+            [
+                "--workdir", str(workdirs[i]), *extra, "--num_processes", "2", "--port", str(port),
+                "--process_id", str(i), "--out", str(tmp_path / f"p{i}.npz"),
+            ],
+            cache,
+            num_devices=2,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    return finish(procs, timeout=180)
+
+
+def test_processes_agree_on_the_step_to_restore_when_one_copy_is_damaged(cache, tmp_path):
+    """Issue 21 item 8: process 1's copy of the newest checkpoint (8) has a flipped byte, process
+    0's is intact. Each checks its own copy, they compare, and both restore step 4 (before, process
+    1 restored 8 silently, or fell back alone and then hung in the set-aside barrier)."""
+    workdir, copy = tmp_path / "w", tmp_path / "w_copy"
+    run = [*POINTS, "--set", "checkpoint.every_steps=4"]
+    run_two_processes(tmp_path, cache, [workdir, workdir], *run, "--set", "train.num_steps=8")
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4, 8]
+    shutil.copytree(workdir, copy)
+    files = [p for p in (copy / "checkpoints" / "8" / "state").rglob("*") if p.is_file()]
+    bad = max(files, key=lambda p: p.stat().st_size)
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    bad.write_bytes(bytes(raw))
+
+    outs = run_two_processes(tmp_path, cache, [workdir, copy], *run, "--set", "train.num_steps=4")
+    for out in outs:
+        assert "Resuming from the checkpoint at step 4" in out, out
+    assert "checkpoint 8 in" in outs[1] and "SHA-256 mismatch" in outs[1]
+    assert "Checkpoint 8 in" in outs[0] and "damaged as process(es) [1] read it" in outs[0]
+    p0, p1 = load_state(tmp_path / "p0.npz"), load_state(tmp_path / "p1.npz")
+    assert int(p0[".step"]) == int(p1[".step"]) == 4
+    assert all(np.array_equal(p0[k], p1[k]) for k in p0)
+    assert [int(p.name) for p in (workdir / "checkpoints").iterdir()] == [4]  # 8 set aside, once
+    assert len(list((workdir / "checkpoints.unreadable").iterdir())) == 1

@@ -57,24 +57,11 @@ FeatureFn = Callable[[np.ndarray], np.ndarray]
 
 
 def resolve_step(workdir: str, step: int | None) -> int:
-    """The checkpoint step to evaluate: ``step`` if it exists, else the newest (errors name the steps)."""
-    import orbax.checkpoint as ocp
-
+    """The checkpoint step to evaluate: ``step`` if it exists and is intact, else the newest intact
+    one (:func:`checkpoints.resolve_step`; errors name the steps)."""
     from diffusion_jax import checkpoints
 
-    directory = os.path.join(os.path.abspath(workdir), checkpoints.CHECKPOINT_DIR)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoints directory in {workdir}")
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
-    steps = sorted(manager.all_steps())
-    manager.close()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints in {directory}")
-    if step is None:
-        return steps[-1]
-    if step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; there are {steps}")
-    return step
+    return checkpoints.resolve_step(os.path.abspath(os.path.expanduser(workdir)), step)
 
 
 def load_split(
@@ -336,7 +323,8 @@ def evaluate_workdir(
     export: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
-    """Evaluates the EMA weights of checkpoint ``step`` (default: the newest) of a training workdir.
+    """Evaluates the EMA weights of checkpoint ``step`` (default: the newest readable one, skipping
+    damaged ones with a warning) of a training workdir.
 
     ``options`` are those of :func:`evaluate_params`. With ``write``, the result goes to
     ``<workdir>/eval/step_{step:08d}_{sampler}{num_steps}.json`` and its scalars to TensorBoard
@@ -347,8 +335,8 @@ def evaluate_workdir(
     from diffusion_jax import checkpoints
 
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    step = resolve_step(workdir, step)
-    loaded = checkpoints.load_sampler(workdir, step)
+    loaded = checkpoints.load_sampler(workdir, step)  # the newest readable one if step is None
+    step = loaded.step
     sampler = options.get("sampler", "ddim")
     num_steps = options.get("num_steps", 50)
     tag = f"{sampler}{_levels_walked(loaded.config, sampler, num_steps)}"
