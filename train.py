@@ -10,12 +10,11 @@ TensorBoard's profile plugin.
 """
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_jax import cli_logging, config_utils, sharding
+from diffusion_jax import cli_logging, sharding
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -33,16 +32,6 @@ flags.DEFINE_string(
     "Local folder for XLA's HLO dumps of every compiled program (adds --xla_dump_to to XLA_FLAGS).",
 )  # fmt: skip
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, after checking the ``--config.a.b`` overrides against the config's keys
-    (ml_collections answers a misspelt section with a bare KeyError)."""
-    try:
-        config_utils.check_command_line(argv)
-    except config_utils.ConfigError as e:
-        sys.exit(f"FATAL Flags parsing error: {e}")
-    return app.parse_flags_with_usage(argv)
 
 
 def main(argv):
@@ -66,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli_logging.parse_config_flags)

@@ -7,8 +7,6 @@ Resumes from ``<workdir>/checkpoints`` when rerun; override config keys on the c
 ``python sample.py --workdir RUN --classifier_workdir /tmp/digits_classifier --classifier_scale 2``.
 """
 
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -18,18 +16,6 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Classifier config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, config.json and eval.json go.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, after checking the ``--config.a.b`` overrides against the config's keys
-    (ml_collections answers a misspelt section with a bare KeyError)."""
-    from diffusion_jax import config_utils
-
-    try:
-        config_utils.check_command_line(argv)
-    except config_utils.ConfigError as e:
-        sys.exit(f"FATAL Flags parsing error: {e}")
-    return app.parse_flags_with_usage(argv)
 
 
 def main(argv):
@@ -47,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli_logging.parse_config_flags)

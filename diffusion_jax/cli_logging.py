@@ -1,10 +1,12 @@
-"""Logging set-up shared by the command-line entry points (train.py, evaluate.py, sample.py, ...)."""
+"""Logging set-up and flag parsing shared by the command-line entry points (train.py, evaluate.py,
+sample.py, ...)."""
 
 from __future__ import annotations
 
 import logging as std_logging
+import sys
 
-from absl import logging
+from absl import app, logging
 
 
 class WarningsOnlyFromOrbax(std_logging.Filter):
@@ -19,3 +21,15 @@ def quiet_orbax() -> None:
     handler = logging.get_absl_handler()
     if not any(isinstance(f, WarningsOnlyFromOrbax) for f in handler.filters):
         handler.addFilter(WarningsOnlyFromOrbax())
+
+
+def parse_config_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, after checking the ``--config.a.b`` overrides against the config's keys
+    (ml_collections answers a misspelt section with a bare KeyError); ``app.run``'s ``flags_parser``."""
+    from diffusion_jax import config_utils
+
+    try:
+        config_utils.check_command_line(argv)
+    except config_utils.ConfigError as e:
+        sys.exit(f"FATAL Flags parsing error: {e}")
+    return app.parse_flags_with_usage(argv)
