@@ -10,18 +10,10 @@ configs/cifar10.py's does (same network and batch).
 
 import ml_collections
 
-from configs import cifar10
+from configs import cifar10, digits_edm
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = cifar10.get_config()
-    config.diffusion.process = "edm"
-    config.diffusion.prediction = "edm"
-    config.diffusion.sigma_data = 0.5
-    config.diffusion.time_sampling = "log_normal"
-    config.diffusion.time_loc = -1.2
-    config.diffusion.time_scale = 1.2
+    config = digits_edm.edm(cifar10.get_config())
     config.optim.learning_rate = 1e-3  # EDM's CIFAR-10 rate, with their 10M-image warm-up scaled
-    config.sample.sampler = "heun"
-    config.sample.num_steps = 18
     return config

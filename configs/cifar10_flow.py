@@ -10,16 +10,8 @@ noise process changes only elementwise maths); see the README's TPU table for it
 
 import ml_collections
 
-from configs import cifar10
+from configs import cifar10, digits_flow
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = cifar10.get_config()
-    config.diffusion.process = "flow"
-    config.diffusion.prediction = "flow"
-    config.diffusion.time_sampling = "logit_normal"
-    config.diffusion.time_loc = 0.0
-    config.diffusion.time_scale = 1.0
-    config.sample.sampler = "euler"
-    config.sample.num_steps = 50
-    return config
+    return digits_flow.flow_matching(cifar10.get_config(), num_steps=50)

@@ -14,8 +14,8 @@ import ml_collections
 from configs import digits
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = digits.get_config()
+def edm(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` switched to EDM: preconditioned denoiser, log-normal sigma, 18 Heun steps."""
     config.diffusion.process = "edm"
     config.diffusion.prediction = "edm"
     config.diffusion.sigma_min = 0.002
@@ -28,3 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.sampler = "heun"
     config.sample.num_steps = 18
     return config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return edm(digits.get_config())

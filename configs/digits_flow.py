@@ -19,13 +19,17 @@ import ml_collections
 from configs import digits
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = digits.get_config()
+def flow_matching(config: ml_collections.ConfigDict, num_steps: int) -> ml_collections.ConfigDict:
+    """``config`` switched to rectified flow: velocity prediction, logit-normal(0, 1) t, Euler."""
     config.diffusion.process = "flow"
     config.diffusion.prediction = "flow"
     config.diffusion.time_sampling = "logit_normal"
     config.diffusion.time_loc = 0.0
     config.diffusion.time_scale = 1.0
     config.sample.sampler = "euler"
-    config.sample.num_steps = 20
+    config.sample.num_steps = num_steps
     return config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return flow_matching(digits.get_config(), num_steps=20)
