@@ -69,6 +69,70 @@ def init_state(
     return TrainState.create(params, tx, streams["train"])
 
 
+def write_run(
+    workdir: str | epath.PathLike,
+    config: Any,
+    params: Any,
+    data_shape: tuple[int, ...],
+    *,
+    step: int = 0,
+    ema_params: Any | None = None,
+) -> None:
+    """Writes ``params`` as checkpoint ``step`` of a run of ``config`` in ``workdir``, as
+    :func:`train_and_evaluate` would have: ``sample.py``, ``evaluate.py`` and
+    :func:`checkpoints.load_sampler` read it, and ``train.py`` continues from it (fresh optimiser
+    state). ``ema_params`` (default: ``params``) is what sampling uses.
+
+    For weights made elsewhere: converted ones (:mod:`diffusion_jax.convert`) or a reconstructed
+    EMA. The trees must have exactly the structure and shapes of ``config``'s model for
+    ``data_shape`` (one example, e.g. (H, W, C)); a mismatch raises ``ValueError`` naming it.
+    """
+    cfg = config if isinstance(config, Config) else config_utils.parse_config(config)
+    workdir = epath.Path(workdir)
+    checkpoints.check_workdir(workdir, cfg)
+    model = config_utils.build_model(cfg)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.num_steps)
+    expected = jax.eval_shape(lambda: init_state(model, cfg, data_shape, tx)).params
+    want = jax.tree.map(lambda a: f"{tuple(a.shape)} {jnp.dtype(a.dtype)}", expected)
+    for name, tree in (("params", params), ("ema_params", ema_params)):
+        if tree is None:
+            continue
+        got = jax.tree.map(lambda a: f"{tuple(np.shape(a))} {jnp.asarray(a).dtype}", tree)
+        if got != want:
+            diff = _tree_differences(want, got)
+            raise ValueError(
+                f"{name} do not match the model of this config for examples of shape "
+                f"{data_shape}: {diff}"
+            )
+    params = jax.tree.map(jnp.asarray, params)
+    ema = params if ema_params is None else jax.tree.map(jnp.asarray, ema_params)
+    state = TrainState.create(params, tx, rng_streams(cfg.seed)["train"])
+    state = state.replace(ema_params=ema, step=jnp.asarray(step, jnp.int32))
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+    manager = checkpoints.make_manager(workdir, keep=cfg.checkpoint.keep, async_save=False)
+    try:
+        checkpoints.save(manager, step, state, None, cfg, data_shape)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    checkpoints.write_config(workdir, cfg)
+
+
+def _tree_differences(want: Any, got: Any, limit: int = 5) -> str:
+    """The first ``limit`` paths where two trees of "shape dtype" strings differ, for error messages."""
+    flat_want = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(want)}
+    flat_got = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(got)}
+    lines = [f"missing {k}" for k in flat_want.keys() - flat_got.keys()]
+    lines += [f"unexpected {k}" for k in flat_got.keys() - flat_want.keys()]
+    lines += [
+        f"{k}: expected {flat_want[k]}, got {flat_got[k]}"
+        for k in flat_want.keys() & flat_got.keys()
+        if flat_want[k] != flat_got[k]
+    ]
+    return "; ".join(sorted(lines)[:limit]) + (" ..." if len(lines) > limit else "")
+
+
 def make_train_step(
     model: nn.Module,
     config: Config,

@@ -240,3 +240,20 @@ def test_keys_that_define_a_run_cannot_change(tmp_path, config, path, value, cha
     with pytest.raises(ValueError, match="incompatible config") as e:
         checkpoints.check_workdir(tmp_path, config_utils.parse_config(other))
     assert change in str(e.value)
+
+
+def test_write_run_makes_a_workdir_that_loads_and_names_a_wrong_tree(tmp_path, config):
+    from diffusion_jax import trainer
+
+    model = config_utils.build_model(config)
+    params = config_utils.init_params(model, config, (8, 8, 1), jax.random.key(3))
+    ema = jax.tree.map(lambda a: a + 1.0, params)
+    trainer.write_run(tmp_path / "run", config, params, (8, 8, 1), step=7, ema_params=ema)
+    loaded = checkpoints.load_sampler(tmp_path / "run")
+    assert loaded.step == 7 and loaded.data_shape == (8, 8, 1)
+    chex.assert_trees_all_equal(loaded.params, ema)  # sampling reads the EMA parameters
+    assert checkpoints.read_config(tmp_path / "run") == config.to_dict()
+
+    wrong = {k: v for k, v in params.items() if k != "conv_in"}
+    with pytest.raises(ValueError, match=r"missing \['conv_in'\]\['kernel'\]"):
+        trainer.write_run(tmp_path / "other", config, wrong, (8, 8, 1))
