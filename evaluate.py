@@ -10,6 +10,8 @@ TensorBoard (``<workdir>/tensorboard``, tags ``eval/...``). All the work is in :
     python evaluate.py --workdir /tmp/diffusion_dino --metrics ed,swd,fd,pr          # 2-D points
     python evaluate.py --workdir /tmp/cifar --metrics fd --num_samples 50000 \
         --inception_weights ~/pt_inception.npz --export                               # FID + npz/PNGs
+    python evaluate.py --workdir /tmp/cifar --metrics fd --num_samples 50000 \
+        --inception_weights ~/pt_inception.npz --reference_stats ~/fid_stats_cifar10_train.npz
 """
 
 import json
@@ -38,6 +40,12 @@ flags.DEFINE_string(
     "bpd_variance", None, "fixed_small | fixed_large | learned_range (default: auto)."
 )
 flags.DEFINE_string("inception_weights", None, "Inception-v3 .npz for FID on RGB images.")
+flags.DEFINE_string(
+    "reference_stats",
+    None,
+    "FID reference statistics .npz (mu, sigma; e.g. fid_stats_cifar10_train.npz): fd against "
+    "them instead of the training split's Inception features.",
+)
 flags.DEFINE_bool("export", False, "Also write the samples as uint8 .npz (arr_0) and PNGs.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -65,6 +73,7 @@ def main(argv):
             bpd_batch_size=FLAGS.bpd_batch_size,
             bpd_variance=FLAGS.bpd_variance,
             inception_weights=FLAGS.inception_weights,
+            reference_stats=FLAGS.reference_stats,
         )
     except (
         FileNotFoundError,

@@ -120,8 +120,7 @@ def train(config, workdir: str, train_steps: int | None) -> tuple[int, float, fl
     Returns (checkpoint step, seconds of this call, seconds of training so far): the latter adds
     up the calls that advanced the run, in ``<workdir>/quality_train.json`` (None for a run trained
     without that record)."""
-    from diffusion_jax import trainer
-    from diffusion_jax.evaluation import pipeline
+    from diffusion_jax import checkpoints, trainer
 
     if train_steps is not None:
         config.train.num_steps = train_steps
@@ -129,7 +128,7 @@ def train(config, workdir: str, train_steps: int | None) -> tuple[int, float, fl
     config.sample.every_steps = 0
     record_path = os.path.join(workdir, "quality_train.json")
     try:
-        before = pipeline.resolve_step(workdir, None)
+        before = checkpoints.resolve_step(workdir)
     except FileNotFoundError:
         before = 0
     record = {"seconds": None if before else 0.0}
@@ -139,7 +138,7 @@ def train(config, workdir: str, train_steps: int | None) -> tuple[int, float, fl
     t0 = time.time()
     trainer.train_and_evaluate(config, workdir)
     seconds = time.time() - t0
-    step = pipeline.resolve_step(workdir, None)
+    step = checkpoints.resolve_step(workdir)
     if step < config.train.num_steps:  # e.g. stopped by SIGTERM: the trainer saved and returned
         raise SystemExit(
             f"training in {workdir} stopped at step {step} of {config.train.num_steps}; rerun to finish."

@@ -11,6 +11,7 @@ entropy of the discretized data, which lower-bounds any model's bits/dim.
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -739,6 +740,52 @@ def test_evaluate_workdir_writes_json_and_tensorboard(tmp_path):
     assert any("tfevents" in f for f in os.listdir(os.path.join(workdir, "tensorboard")))
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
         pipeline.evaluate_workdir(workdir, step=7)
+
+
+def test_evaluate_workdir_reads_and_writes_a_gs_workdir(tmp_path):
+    """``evaluate.py --workdir gs://...``: the checkpoint is read from the bucket and the JSON and
+    TensorBoard events are written there; exported samples round-trip through a bucket (tests/_local_gcs.py serves the
+    bucket from a local folder, in a subprocess so that no other test sees it)."""
+    bucket = tmp_path / "bucket"
+    code = f"""
+import sys, json
+sys.path.insert(0, "tests")
+from _local_gcs import install
+install({str(bucket)!r})
+import jax
+from diffusion_jax import config_utils, trainer
+from diffusion_jax.evaluation import pipeline
+from test_evaluation import _points_config
+config = _points_config()
+params = config_utils.init_params(config_utils.build_model(config), config, (2,), jax.random.key(0))
+trainer.write_run("gs://b/run", config, params, (2,), step=3)
+result = pipeline.evaluate_workdir(
+    "gs://b/run", metrics=("ed",), sampler="ddim", num_steps=3, num_samples=32)
+import numpy as np
+from diffusion_jax import evaluation as ev
+images = np.linspace(-1, 1, 2 * 4 * 4 * 3).reshape(2, 4, 4, 3)
+paths = ev.export_samples("gs://b/exported", images)
+same = (ev.load_npz(paths["npz"]) == ev.to_uint8(images)).all()
+pngs = ev.load_pngs([paths["png_dir"] + "/000000.png", paths["png_dir"] + "/000001.png"])
+print(json.dumps({{"json": result["json"], "workdir": result["workdir"], "ed": result["ed"],
+                  "npz": paths["npz"], "same": bool(same and (pngs == ev.to_uint8(images)).all())}}))
+"""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert printed["workdir"] == "gs://b/run"
+    assert printed["json"] == "gs://b/run/eval/step_00000003_ddim3.json"
+    run = bucket / "b" / "run"
+    saved = json.loads((run / "eval" / "step_00000003_ddim3.json").read_text())
+    assert saved["ed"] == printed["ed"] and saved["num_samples"] == 32
+    assert not list((run / "eval").glob("*.tmp"))
+    assert printed["npz"] == "gs://b/exported/samples_2x4x4x3.npz" and printed["same"]
+    assert (bucket / "b" / "exported" / "samples.json").exists()
+    assert any(f.name.startswith("events.out.tfevents") for f in (run / "tensorboard").iterdir())
+    assert not (root / "gs:").exists()  # nothing went to a local "gs:" folder
 
 
 def test_generate_samples_splits_batches_over_local_devices():

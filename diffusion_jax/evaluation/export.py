@@ -16,13 +16,15 @@ ADM TensorFlow evaluator and pytorch-fid / clean-fid on a folder of PNGs):
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from diffusion_jax import sharding
 
@@ -58,43 +60,51 @@ def _check_nhwc(images: np.ndarray) -> np.ndarray:
     return images
 
 
-def save_npz(path: str, images: np.ndarray) -> str:
-    """Writes uint8 NHWC images [N, H, W, C] to ``path`` as ``np.savez(path, arr_0=images)``; returns the path."""
+def save_npz(path: str | os.PathLike, images: np.ndarray) -> str:
+    """Writes uint8 NHWC images [N, H, W, C] to ``path`` (local or ``gs://``) as
+    ``np.savez(path, arr_0=images)``; returns the path."""
     images = _check_nhwc(images)
-    if not path.endswith(".npz"):
-        path = path + ".npz"  # np.savez would append it anyway
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, arr_0=images)
-    return path
+    path = epath.Path(path)
+    if path.suffix != ".npz":
+        path = path.parent / (path.name + ".npz")  # np.savez would append it anyway
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, arr_0=images)
+    path.write_bytes(buffer.getvalue())
+    return os.fspath(path)
 
 
-def load_npz(path: str) -> np.ndarray:
+def load_npz(path: str | os.PathLike) -> np.ndarray:
     """The ``arr_0`` array of an ``.npz`` written by :func:`save_npz` (or the standard tools)."""
-    with np.load(path) as f:
-        return f["arr_0"]
+    with epath.Path(path).open("rb") as f, np.load(f) as arrays:
+        return arrays["arr_0"]
 
 
-def save_pngs(directory: str, images: np.ndarray, *, start_index: int = 0) -> list[str]:
+def save_pngs(
+    directory: str | os.PathLike, images: np.ndarray, *, start_index: int = 0
+) -> list[str]:
     """Writes each uint8 NHWC image as ``{index:06d}.png`` (mode L or RGB); returns the paths."""
     from PIL import Image
 
     images = _check_nhwc(images)
-    os.makedirs(directory, exist_ok=True)
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
-        path = os.path.join(directory, f"{start_index + i:06d}.png")
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
-        paths.append(path)
+        path = directory / f"{start_index + i:06d}.png"
+        with path.open("wb") as f:
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(f, format="PNG")
+        paths.append(os.fspath(path))
     return paths
 
 
-def load_pngs(paths: list[str]) -> np.ndarray:
+def load_pngs(paths: Sequence[str | os.PathLike]) -> np.ndarray:
     """PNG files -> uint8 NHWC [N, H, W, C] (C = 1 for mode L)."""
     from PIL import Image
 
     arrays = []
     for path in paths:
-        with Image.open(path) as image:
+        with epath.Path(path).open("rb") as f, Image.open(f) as image:
             a = np.asarray(image)
         arrays.append(a[..., None] if a.ndim == 2 else a)
     return np.stack(arrays)
@@ -150,7 +160,11 @@ def generate_samples(
 
 
 def export_samples(
-    directory: str, images: np.ndarray, *, metadata: dict[str, Any] | None = None, pngs: bool = True
+    directory: str | os.PathLike,
+    images: np.ndarray,
+    *,
+    metadata: dict[str, Any] | None = None,
+    pngs: bool = True,
 ) -> dict[str, str]:
     """Writes samples in [-1, 1] [N, H, W, C] as ``samples_{N}x{H}x{W}x{C}.npz``, ``png/`` and ``samples.json``.
 
@@ -159,20 +173,18 @@ def export_samples(
     """
     uint8 = to_uint8(images)
     _check_nhwc(uint8)
-    os.makedirs(directory, exist_ok=True)
-    npz = save_npz(
-        os.path.join(directory, "samples_" + "x".join(map(str, uint8.shape)) + ".npz"), uint8
-    )
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    npz = save_npz(directory / ("samples_" + "x".join(map(str, uint8.shape)) + ".npz"), uint8)
     paths = {"npz": npz}
     if pngs:
-        paths["png_dir"] = os.path.join(directory, "png")
+        paths["png_dir"] = os.fspath(directory / "png")
         save_pngs(paths["png_dir"], uint8)
     info = {
         "layout": "uint8 NHWC, key arr_0; value = round((x + 1) * 127.5) for x in [-1, 1]",
         "shape": list(uint8.shape),
         **(metadata or {}),
     }
-    paths["json"] = os.path.join(directory, "samples.json")
-    with open(paths["json"], "w") as f:
-        json.dump(info, f, indent=2, sort_keys=True)
+    paths["json"] = os.fspath(directory / "samples.json")
+    (directory / "samples.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     return paths

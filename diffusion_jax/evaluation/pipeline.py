@@ -22,7 +22,9 @@ Metrics (``metrics=``):
 
 - ``fd``: Frechet distance of features: the digits classifier's (:mod:`.digits`) for the digits,
   Inception-v3 pool3 (:mod:`.inception`, weights from a local file) for RGB images, the coordinates
-  themselves for points.
+  themselves for points. With ``reference_stats`` (an ``.npz`` of Inception ``mu``, ``sigma``, e.g.
+  ``fid_stats_cifar10_train.npz``), FID against those statistics instead of the training split's
+  features; its floor is then the held-out split against them (no within-train floor).
 - ``pr``: improved precision/recall (k = 3) on the same features.
 - ``ed``, ``swd``: energy distance and sliced 2-Wasserstein distance, on points (2-D toys).
 - ``bpd``: the negative variational bound in bits/dim on the held-out split (quantized to 8 bits),
@@ -46,6 +48,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from diffusion_jax.evaluation import digits as digits_lib
 from diffusion_jax.evaluation import distances
@@ -54,14 +57,6 @@ from diffusion_jax.evaluation.likelihood import evaluate_bpd, make_bpd_fn, make_
 
 METRICS = ("fd", "pr", "ed", "swd", "bpd")
 FeatureFn = Callable[[np.ndarray], np.ndarray]
-
-
-def resolve_step(workdir: str, step: int | None) -> int:
-    """The checkpoint step to evaluate: ``step`` if it exists and is intact, else the newest intact
-    one (:func:`checkpoints.resolve_step`; errors name the steps)."""
-    from diffusion_jax import checkpoints
-
-    return checkpoints.resolve_step(os.path.abspath(os.path.expanduser(workdir)), step)
 
 
 def load_split(
@@ -178,6 +173,7 @@ def evaluate_params(
     bpd_variance: str | None = None,
     ode_bpd_steps: int = 100,
     inception_weights: str | None = None,
+    reference_stats: str | None = None,
     max_reference: int = 50_000,
     train_floor_repeats: int = 5,
     export_dir: str | None = None,
@@ -215,11 +211,25 @@ def evaluate_params(
     result["held_out_examples"] = len(held_out)
 
     sample_metrics = [m for m in metrics if m != "bpd"]
+    if reference_stats is not None and "fd" not in metrics:
+        raise ValueError("reference_stats are FID statistics: add fd to the metrics, or drop them.")
     if sample_metrics:
         name, feature_fn = feature_fn_for(config.data, data_shape, inception_weights)
         if feature_fn is None:
             raise ValueError(name)
         result["features"] = name
+        stats = None  # FD against published (mu, sigma) instead of the training split's features
+        if reference_stats is not None:
+            if name != "inception-v3-pool3":
+                raise ValueError(
+                    f"reference_stats are Inception-v3 pool3 statistics, but these samples get "
+                    f"{name} features: pass inception_weights (RGB images only)."
+                )
+            from diffusion_jax.evaluation import inception
+
+            stats = inception.load_reference_statistics(reference_stats)  # before sampling
+            result["fd_reference"] = str(reference_stats)
+        split_metrics = [m for m in sample_metrics if stats is None or m != "fd"]
         n = len(held_out) if num_samples is None else int(num_samples)
         sample_fn = config_utils.build_sampler(
             config, sampler=sampler, num_steps=num_steps, eta=eta
@@ -244,23 +254,30 @@ def evaluate_params(
                 sampler=sampler, num_steps=num_steps, eta=eta, seed=seed, batch_size=batch_size
             )
             result["export"] = export_samples(export_dir, samples, metadata=meta)
-        with timer("load_reference"):
-            reference, _ = load_split(config.data, config.data.split, limit=max_reference)
-        result["reference_examples"] = len(reference)
+        if split_metrics:
+            with timer("load_reference"):
+                reference, _ = load_split(config.data, config.data.split, limit=max_reference)
+            result["reference_examples"] = len(reference)
         floor_n = min(n, len(held_out))
         result["floor_examples"] = floor_n
         with timer("features"):
-            ref_f = feature_fn(reference)
+            ref_f = feature_fn(reference) if split_metrics else None
             sample_f, held_out_f = feature_fn(samples), feature_fn(held_out[:floor_n])
         with timer("distances"):
-            result.update(_sample_metrics(sample_metrics, ref_f, sample_f, k=k))
-            result.update(_sample_metrics(sample_metrics, ref_f, held_out_f, suffix="_floor", k=k))
-            if len(ref_f) >= 2 * floor_n:  # within-train floor: no shift between splits
+            if stats is not None:
+                for key, f in (("fd", sample_f), ("fd_floor", held_out_f)):
+                    fitted = distances.feature_statistics(f)
+                    result[key] = distances.frechet_distance(*stats, *fitted)
+            if split_metrics:
+                result.update(_sample_metrics(split_metrics, ref_f, sample_f, k=k))
+                floor = _sample_metrics(split_metrics, ref_f, held_out_f, suffix="_floor", k=k)
+                result.update(floor)
+            if split_metrics and len(ref_f) >= 2 * floor_n:  # within-train floor: no split shift
                 repeats = []
                 for r in range(train_floor_repeats):
                     order = np.random.default_rng([seed, r]).permutation(len(ref_f))
                     part, rest = ref_f[order[:floor_n]], ref_f[order[floor_n:]]
-                    repeats.append(_sample_metrics(sample_metrics, rest, part, k=k))
+                    repeats.append(_sample_metrics(split_metrics, rest, part, k=k))
                 for name in repeats[0]:
                     values = [rep[name] for rep in repeats]
                     result[name + "_train_floor"] = float(np.mean(values))
@@ -315,8 +332,14 @@ def evaluate_params(
     return result
 
 
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+    """A workdir as a path: local ones absolute (``~`` expanded), URLs (``gs://...``) as given."""
+    name = os.fspath(workdir)
+    return epath.Path(name if "://" in name else os.path.abspath(os.path.expanduser(name)))
+
+
 def evaluate_workdir(
-    workdir: str,
+    workdir: str | os.PathLike,
     *,
     step: int | None = None,
     write: bool = True,
@@ -334,26 +357,26 @@ def evaluate_workdir(
     """
     from diffusion_jax import checkpoints
 
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = workdir_path(workdir)
     loaded = checkpoints.load_sampler(workdir, step)  # the newest readable one if step is None
     step = loaded.step
     sampler = options.get("sampler", "ddim")
     num_steps = options.get("num_steps", 50)
     tag = f"{sampler}{_levels_walked(loaded.config, sampler, num_steps)}"
-    eval_dir = os.path.join(workdir, "eval")
+    eval_dir = workdir / "eval"
     if export:
-        options["export_dir"] = os.path.join(eval_dir, f"samples_step{step}_{tag}")
+        options["export_dir"] = os.fspath(eval_dir / f"samples_step{step}_{tag}")
     logging.info("Evaluating %s at step %d (%s)", workdir, step, tag)
     result = evaluate_params(loaded.params, loaded.config, loaded.data_shape, **options)
-    result = {"workdir": workdir, "step": step, **result}
+    result = {"workdir": os.fspath(workdir), "step": step, **result}
     if write and jax.process_index() == 0:
-        os.makedirs(eval_dir, exist_ok=True)
-        path = os.path.join(eval_dir, f"step_{step:08d}_{tag}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=2, default=str)
-        os.replace(path + ".tmp", path)
-        result["json"] = path
-        write_tensorboard(os.path.join(workdir, "tensorboard"), step, tag, result)
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        path = eval_dir / f"step_{step:08d}_{tag}.json"
+        tmp = eval_dir / (path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2, default=str))
+        tmp.replace(path)
+        result["json"] = os.fspath(path)
+        write_tensorboard(os.fspath(workdir / "tensorboard"), step, tag, result)
     return result
 
 
