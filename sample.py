@@ -4,6 +4,8 @@ r"""Draw samples from a trained run: a PNG grid, an ``.npz`` of uint8 images and
     python sample.py --workdir /tmp/diffusion_digits --sampler dpm_solver_2m --num_steps 20 \
         --guidance_scale 2 --labels 3 --num_samples 64 --seed 1
     python sample.py --workdir /tmp/diffusion_digits --labels none        # unconditional (null label)
+    python sample.py --workdir /tmp/diffusion_digits --sampler ddpm --num_steps 0 \
+        --variance fixed_large                                           # DDPM with beta_t variance
     python sample.py --workdir /tmp/diffusion_digits --classifier_workdir /tmp/digits_classifier \
         --classifier_scale 2                                             # classifier guidance
     python sample.py ... --classifier_scale 2 --guidance_scale 0         # ... of the model's unconditional mode
@@ -11,8 +13,9 @@ r"""Draw samples from a trained run: a PNG grid, an ``.npz`` of uint8 images and
 Uses the EMA parameters of the newest readable (or ``--checkpoint_step``) checkpoint: its files
 are checked against the checksums saved with it, a damaged newest one is skipped with a warning
 naming it, and a damaged ``--checkpoint_step`` stops with a message naming it. Samplers: ddpm, ddim,
-euler, heun, dpm_solver_2m (``--num_steps 0``: all T steps). Files go to
-``<workdir>/generated/<sampler><steps>_w<guidance>[_c<classifier scale>]_seed<seed>.{png,npz,json}``
+euler, heun, dpm_solver_2m (``--num_steps 0``: all T steps); ``--variance`` (fixed_small,
+fixed_large or learned_range) is the ddpm sampler's reverse variance. Files go to
+``<workdir>/generated/<sampler><steps>[_<variance>]_w<guidance>[_c<classifier scale>]_seed<seed>.{png,npz,json}``
 unless ``--output_dir`` says otherwise; ``arr_0`` holds the images, ``arr_1`` the labels. Batch ``i``
 uses ``fold_in(key(seed), i)``, so a seed and ``--batch_size`` fix the samples.
 """
@@ -23,6 +26,7 @@ import time
 from absl import app, flags
 
 from diffusion_jax import cli_logging
+from diffusion_jax.reverse import VARIANCES
 from diffusion_jax.sampling.solvers import SAMPLERS
 
 FLAGS = flags.FLAGS
@@ -33,6 +37,9 @@ flags.DEFINE_integer(
     "num_steps", None, "Sampler steps; 0 = the process's default (default: the run's)."
 )
 flags.DEFINE_float("eta", None, "DDIM eta (default: the run's).")
+flags.DEFINE_enum(
+    "variance", None, VARIANCES, "The ddpm sampler's reverse variance (default: the run's)."
+)
 flags.DEFINE_integer("num_samples", 100, "How many samples.")
 flags.DEFINE_integer("batch_size", 100, "Samples per compiled call.")
 flags.DEFINE_string("labels", "all", "all (0..K-1 cycled) | none (unconditional) | e.g. 3 or 1,7.")
@@ -58,6 +65,7 @@ def _guided_sampler_and_labels(generate):
         sampler=FLAGS.sampler,
         num_steps=FLAGS.num_steps,
         eta=FLAGS.eta,
+        variance=FLAGS.variance,
         guidance_scale=FLAGS.guidance_scale,
         classifier_workdir=FLAGS.classifier_workdir,
         classifier_scale=FLAGS.classifier_scale,
@@ -77,7 +85,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli_logging.quiet_orbax()
-    from diffusion_jax import checkpoints, generate
+    from diffusion_jax import checkpoints, config_utils, generate
     from diffusion_jax.evaluation import export
 
     try:
@@ -103,7 +111,10 @@ def main(argv):
     seconds = time.time() - start
     s = guided.config.sample
     sampler, steps = s.sampler, guided.num_steps
-    name = f"{sampler}{steps}_w{FLAGS.guidance_scale:g}"
+    name = f"{sampler}{steps}"
+    if FLAGS.variance:
+        name += f"_{FLAGS.variance}"
+    name += f"_w{FLAGS.guidance_scale:g}"
     if FLAGS.classifier_workdir:
         name += f"_c{FLAGS.classifier_scale:g}"
     name += f"_seed{FLAGS.seed}"
@@ -121,6 +132,7 @@ def main(argv):
             "sampler": sampler,
             "num_steps": steps,
             "eta": s.eta,
+            "variance": config_utils.sample_variance(guided.config),
             "guidance_scale": FLAGS.guidance_scale,
             "classifier_workdir": FLAGS.classifier_workdir,
             "classifier_scale": FLAGS.classifier_scale,

@@ -13,13 +13,29 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import tomllib
 
 import nbformat
 
 HERE = pathlib.Path(__file__).resolve().parent
-# The repository the notebooks install from on Colab. "you/diffusion_jax" is a placeholder (as in
-# the README's TPU section): replace it with the GitHub owner/name of your copy of the repository.
-GITHUB_REPO = "you/diffusion_jax"
+
+
+def repository_url() -> str:
+    """The repository's GitHub URL: ``[project.urls] Repository`` in pyproject.toml, the one place
+    it is set (a fork changes it there and reruns this script; the README's badges and TPU example
+    must agree, which tests/test_readme.py checks)."""
+    with open(HERE.parent / "pyproject.toml", "rb") as f:
+        url = tomllib.load(f)["project"]["urls"]["Repository"]
+    if not url.startswith("https://github.com/") or url.rstrip("/").count("/") != 4:
+        raise ValueError(
+            f"pyproject.toml's [project.urls] Repository = {url!r}: the Colab badges need a "
+            "GitHub repository URL, https://github.com/<owner>/<name>."
+        )
+    return url.rstrip("/")
+
+
+# The repository the notebooks install from on Colab, as GitHub's owner/name.
+GITHUB_REPO = repository_url().removeprefix("https://github.com/")
 
 
 def badge(name: str) -> str:
@@ -27,10 +43,10 @@ def badge(name: str) -> str:
     return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
 
 
-INSTALL = f'''\
+INSTALL = f"""\
 # Installs diffusion_jax from its repository when it is not importable here (a fresh Colab runtime);
 # inside a clone with the package installed (as in the tests) this cell does nothing.
-# Replace "{GITHUB_REPO}" with the GitHub owner/name of the copy you opened this notebook from.
+# REPO is pyproject.toml's [project.urls] Repository; to install another copy, change it here.
 import importlib.metadata
 import os
 
@@ -43,7 +59,7 @@ try:
     importlib.metadata.version("diffusion_jax")  # installed (with its dependencies)?
 except importlib.metadata.PackageNotFoundError:
     %pip install -q ".[notebooks]"
-'''
+"""
 
 SWITCH_DOC = """\
 `FAST` is the size switch: the test suite sets `DIFFUSION_JAX_FAST=1` and this notebook then runs in

@@ -1,6 +1,9 @@
 r"""CelebA at 64x64 with the DDIM paper's CelebA model (Song et al. 2021): a 5-level U-Net
 (ch 128, multipliers 1,2,2,2,4, two residual blocks, attention at 16x16, dropout 0.1; about 79M
-parameters, 78,700,803), T = 1000 linear, Adam 2e-4, batch 128, EMA 0.9999, random flips.
+parameters, 78,700,803), T = 1000 linear, Adam 2e-4, batch 128, EMA 0.9999, random flips; the
+ddpm sampler uses the fixed-large variance beta_t, as the DDIM code's CelebA config does
+(``var_type: fixedlarge`` in configs/celeba.yml; ``ddpm_steps`` in functions/denoising.py of
+https://github.com/ermongroup/ddim samples with log-variance log beta_t).
 
     python train.py --config configs/celeba64.py --workdir gs://bucket/ddpm_celeba64
 

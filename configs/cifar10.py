@@ -1,7 +1,8 @@
 r"""CIFAR-10 32x32 exactly as in the DDPM paper (Ho et al. 2020, Appendix B): the 35.7M-parameter
 U-Net (ch 128, multipliers 1,2,2,2, two residual blocks per level, attention at 16x16, dropout 0.1),
 T = 1000 linear betas 1e-4..0.02, Adam at 2e-4 with 5000 warm-up steps, batch 128, gradient
-clipping at 1.0, EMA 0.9999, random horizontal flips, 800k steps.
+clipping at 1.0, EMA 0.9999, random horizontal flips, 800k steps; samples drawn by ancestral
+sampling over all 1000 steps with the fixed-large reverse variance sigma_t^2 = beta_t.
 
     python train.py --config configs/cifar10.py --workdir gs://bucket/ddpm_cifar10
 
@@ -58,4 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.num_samples = 64
     config.sample.sampler = "ddpm"
     config.sample.num_steps = config_dict.placeholder(int)  # all 1000 steps
+    # sigma_t^2 = beta_t: the released code's default, model_var_type='fixedlarge' in train() of
+    # https://github.com/hojonathanho/diffusion/blob/master/scripts/run_cifar.py
+    config.sample.variance = "fixed_large"
     return config

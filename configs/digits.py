@@ -81,6 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.ema = ml_collections.ConfigDict()
     config.ema.decay = 0.999
     config.ema.warmup = True
+    config.ema.posthoc_sigma_rels = ()  # EDM2 post-hoc EMA widths to track, e.g. (0.05, 0.10); () off
+    config.ema.posthoc_every_steps = 1000  # their snapshot interval (python -m diffusion_jax.posthoc_ema)
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 64
@@ -106,6 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.s_tmin = 0.0
     config.sample.s_tmax = float("inf")
     config.sample.s_noise = 1.0
+    # ddpm's reverse variance: fixed_small | fixed_large | learned_range (None: the model's own).
+    config.sample.variance = config_dict.placeholder(str)
 
     config.sharding = ml_collections.ConfigDict()
     config.sharding.fsdp_min_size = 0  # > 0: shard parameters with at least this many elements

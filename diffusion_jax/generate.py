@@ -52,13 +52,15 @@ def make_guided_sampler(
     sampler: str | None = None,
     num_steps: int | None = None,
     eta: float | None = None,
+    variance: str | None = None,
     guidance_scale: float = 1.0,
     classifier_workdir: epath.PathLike | None = None,
     classifier_scale: float = 0.0,
 ) -> GuidedSampler:
     """A trained run's sampler with classifier-free guidance (when ``guidance_scale != 1``) and/or
     classifier guidance (a classifier workdir and ``classifier_scale``); None keeps the run's
-    ``config.sample`` choice (``num_steps=0`` means all T steps)."""
+    ``config.sample`` choice (``num_steps=0`` means all T steps). ``variance`` is the ddpm
+    sampler's reverse variance (see :class:`config_utils.SampleConfig`)."""
     run = checkpoints.load_sampler(workdir, step)
     params, config, data_shape = run.params, run.config, run.data_shape
     model_classes = config.model.num_classes
@@ -105,7 +107,7 @@ def make_guided_sampler(
             "--classifier_scale needs --classifier_workdir (a train_classifier.py run)."
         )
 
-    overrides = {"sampler": sampler, "eta": eta}
+    overrides = {"sampler": sampler, "eta": eta, "variance": variance}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if num_steps is not None:
         overrides["num_steps"] = num_steps or None  # 0: all T steps
