@@ -1,13 +1,15 @@
-"""Flax linen denoisers: the DDPM/ADM :class:`UNet` for NHWC images, :class:`MLPDenoiser` for points;
-and :class:`NoisyClassifier`, the noise-aware classifier for classifier guidance.
+"""Flax linen denoisers: the DDPM/ADM :class:`UNet` and the :class:`DiT` transformer (Peebles & Xie
+2023) for NHWC images, :class:`MLPDenoiser` for points; and :class:`NoisyClassifier`, the
+noise-aware classifier for classifier guidance.
 
-Both are called as ``model.apply(variables, x, t, y=None, train=False)`` with ``t`` [B] 0-based
+All are called as ``model.apply(variables, x, t, y=None, train=False)`` with ``t`` [B] 0-based
 timesteps, return float32 and keep their parameters float32 whatever the compute dtype.
 """
 
 from diffusion_jax.models.classifier import NoisyClassifier
+from diffusion_jax.models.dit import DIT_SIZES, DiT
 from diffusion_jax.models.layers import timestep_embedding
 from diffusion_jax.models.mlp import MLPDenoiser
 from diffusion_jax.models.unet import UNet
 
-__all__ = ["MLPDenoiser", "NoisyClassifier", "UNet", "timestep_embedding"]
+__all__ = ["DIT_SIZES", "DiT", "MLPDenoiser", "NoisyClassifier", "UNet", "timestep_embedding"]
