@@ -112,13 +112,20 @@ class _Manager(ocp.CheckpointManager):
 
 
 def make_manager(
-    workdir: epath.PathLike, *, keep: int = 3, async_save: bool = True
+    workdir: epath.PathLike,
+    *,
+    keep: int | None = 3,
+    async_save: bool = True,
+    barrier_prefix: str | None = None,
 ) -> ocp.CheckpointManager:
-    """An Orbax ``CheckpointManager`` for ``workdir/checkpoints`` keeping the newest ``keep`` steps.
+    """An Orbax ``CheckpointManager`` for ``workdir/checkpoints`` keeping the newest ``keep`` steps
+    (None: all).
 
     Saves happen only when :func:`save` is called (the trainer decides when); leftover temporary
     directories of interrupted saves are removed on creation. Each saved step gets its
     ``checksums.json`` once committed; ``close()`` (or ``wait_until_finished()``) waits for it.
+    ``barrier_prefix`` names the multi-process barriers of a second manager that saves at the
+    same steps (two managers' barriers would otherwise share names and collide).
     """
     directory = epath.Path(workdir) / CHECKPOINT_DIR
     policies = getattr(ocp, "checkpoint_managers", None)
@@ -126,11 +133,17 @@ def make_manager(
         keep_kw: dict[str, Any] = {"preservation_policy": policies.LatestN(keep)}
     else:  # older Orbax
         keep_kw = {"max_to_keep": keep}
+    barriers: dict[str, Any] = {}
+    if barrier_prefix is not None:
+        barriers["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=barrier_prefix
+        )
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=1,
         cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save,
         **keep_kw,
+        **barriers,
     )
     return _Manager(directory, options=options, item_names=("state", "data", "config"))
 

@@ -25,15 +25,18 @@ import jax
 import jax.numpy as jnp
 
 import diffusion_jax as dj
-from diffusion_jax.models import MLPDenoiser, UNet
+from diffusion_jax.models import DiT, MLPDenoiser, UNet
 
-MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "mlp": MLPDenoiser}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "mlp": MLPDenoiser}
+# No float16: training has no loss scaling, so small float16 gradients would flush to zero;
+# bfloat16 keeps float32's exponent range and needs none.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # What a run is: its checkpoints continue only under a config that agrees on these keys (a name
 # covers its whole section). They fix the state's arrays (model, optimiser), what the loss means
 # (diffusion), the examples and their order (data; train.batch_size, as the data position counts
-# batches) and the random streams (seed). Everything else may change between runs: how long
-# (train.num_steps), the learning rate and its schedule, EMA, logging, checkpoints, samples, sharding.
+# batches) and the random streams (seed); the post-hoc EMA profiles are arrays of the state, each
+# averaged since step 1. Everything else may change between runs: how long (train.num_steps), the
+# learning rate and its schedule, EMA, logging, checkpoints, samples, sharding.
 RUN_DEFINING_KEYS = (
     "seed",
     "model",
@@ -42,6 +45,7 @@ RUN_DEFINING_KEYS = (
     "train.batch_size",
     "optim.optimizer",
     "optim.grad_accum_steps",
+    "ema.posthoc_sigma_rels",
 )
 # Data keys that say only where the files are and how fast they are read.
 ADJUSTABLE_DATA_KEYS = (
@@ -89,6 +93,12 @@ def check_module_kwargs(
             where = f" for model {where!r}" if where else ""
             raise ConfigError(_unknown_key_message(f"{section}.{key}", key, known, where))
         if key in ("dtype", "param_dtype"):
+            if value == "float16":
+                raise ConfigError(
+                    f"{section}.{key}='float16' is not supported: training has no loss scaling, "
+                    "so small float16 gradients would underflow to zero. Use 'bfloat16' (float32's "
+                    "exponent range, no loss scaling needed) or 'float32'."
+                )
             _choice(f"{section}.{key}", value, tuple(DTYPES))
     return kwargs
 
@@ -100,7 +110,8 @@ def module_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """``name`` ("unet" | "mlp") and the keyword arguments of that Flax module (dtype as a string)."""
+    """``name`` ("unet" | "dit" | "mlp") and the keyword arguments of that Flax module (dtype as a
+    string)."""
 
     name: str = "unet"
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -244,14 +255,31 @@ class EmaConfig:
     """EMA of the parameters: ema <- decay * ema + (1 - decay) * params after each update.
 
     ``warmup``: use min(decay, (1 + n) / (10 + n)) at update n, so early EMAs track the weights.
+    ``posthoc_sigma_rels``: also keep the power-function EMAs of these relative widths (EDM2 uses
+    (0.05, 0.10); empty: off) and save them every ``posthoc_every_steps`` batches and at the end,
+    for a post-hoc EMA of any width (:mod:`diffusion_jax.posthoc_ema`).
     """
 
     decay: float = 0.9999
     warmup: bool = False
+    posthoc_sigma_rels: tuple[float, ...] = ()
+    posthoc_every_steps: int = 1000
 
     def __post_init__(self):
         if not 0.0 <= self.decay < 1.0:
             raise ConfigError(f"ema.decay={self.decay!r} must be in [0, 1).")
+        object.__setattr__(self, "posthoc_sigma_rels", tuple(self.posthoc_sigma_rels))
+        widest = (1 / 12) ** 0.5  # gamma = 0: the uniform average
+        if not all(0 < s <= widest for s in self.posthoc_sigma_rels):
+            raise ConfigError(
+                f"ema.posthoc_sigma_rels={self.posthoc_sigma_rels!r}: each must be in "
+                f"(0, {widest:.4f}] (EDM2 uses (0.05, 0.10))."
+            )
+        if len(set(self.posthoc_sigma_rels)) < len(self.posthoc_sigma_rels):
+            raise ConfigError(
+                f"ema.posthoc_sigma_rels={self.posthoc_sigma_rels!r} repeats a width."
+            )
+        _at_least("ema.posthoc_every_steps", self.posthoc_every_steps, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +323,11 @@ class SampleConfig:
     ``sampler``, ``num_steps`` (None: all T steps of the discrete VP process, 18 on the others),
     ``spacing`` (None: the sampler's default), ``eta`` (DDIM), ``rho`` (karras spacing; None: the
     process's) and EDM's churn ``s_churn``/``s_tmin``/``s_tmax``/``s_noise`` (heun) as in
-    :func:`dj.make_sampler`.
+    :func:`dj.make_sampler`. ``variance``: the ddpm sampler's reverse variance, "fixed_small"
+    (the posterior's, beta-tilde_t), "fixed_large" (beta_t, the DDPM paper's CIFAR-10 setting) or
+    "learned_range" (a ``model.learn_sigma`` model's own); None: "learned_range" for a
+    ``learn_sigma`` model, else "fixed_small" (see :func:`sample_variance`). The other samplers
+    do not use it.
     """
 
     every_steps: int = 0
@@ -310,6 +342,7 @@ class SampleConfig:
     s_tmin: float = 0.0
     s_tmax: float = float("inf")
     s_noise: float = 1.0
+    variance: str | None = None
 
     def __post_init__(self):
         _at_least("sample.every_steps", self.every_steps, 0)
@@ -321,6 +354,8 @@ class SampleConfig:
         _at_least("sample.eta", self.eta, 0.0)
         _at_least("sample.s_churn", self.s_churn, 0.0)
         _at_least("sample.s_noise", self.s_noise, 0.0)
+        if self.variance is not None:
+            _choice("sample.variance", self.variance, dj.sampling.VARIANCES)
         if self.s_churn > 0 and self.sampler != "heun":
             raise ConfigError(
                 f"sample.s_churn={self.s_churn} (EDM's churn) needs sample.sampler='heun', got "
@@ -328,7 +363,8 @@ class SampleConfig:
             )
 
     def sampler_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`dj.make_sampler` this section sets."""
+        """The keyword arguments of :func:`dj.make_sampler` this section sets (``variance``, which
+        depends on the model when None, comes from :func:`sample_variance`)."""
         names = ("sampler", "num_steps", "spacing", "eta", "clip_denoised", "rho")
         names += ("s_churn", "s_tmin", "s_tmax", "s_noise")
         return {k: getattr(self, k) for k in names}
@@ -429,6 +465,9 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
             return None
         raise ConfigError(f"{path} must not be None.")
     for option in options:
+        if typing.get_origin(option) is tuple and isinstance(value, (tuple, list)):  # tuple[T, ...]
+            item = typing.get_args(option)[0]
+            return tuple(_check_type(f"{path}[{i}]", v, item) for i, v in enumerate(value))
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
@@ -497,6 +536,7 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(
             "model.learn_sigma=True needs diffusion.loss='hybrid' to train the variance."
         )
+    sample_variance(config)
     if config.diffusion.label_dropout and config.model.num_classes is None:
         raise ConfigError(
             "diffusion.label_dropout > 0 needs a class-conditional model (model.num_classes)."
@@ -505,6 +545,24 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(
             "model.num_classes is set but data.use_labels=False: the model needs labels."
         )
+
+
+def sample_variance(config: Config) -> str:
+    """The reverse variance ``config.sample`` asks for: its ``variance``, or the model's default
+    ("learned_range" for a ``model.learn_sigma`` model, else "fixed_small"). A learned-variance
+    model may also sample with a fixed variance (its variance channels are then unused);
+    "learned_range" without them raises :class:`ConfigError`."""
+    learned = config.model.learn_sigma
+    variance = config.sample.variance
+    if variance is None:
+        return "learned_range" if learned else "fixed_small"
+    if variance == "learned_range" and not learned:
+        raise ConfigError(
+            "sample.variance='learned_range' needs a model trained with learned variance "
+            "(model.learn_sigma=True); this model predicts no variance: use 'fixed_small' or "
+            "'fixed_large'."
+        )
+    return variance
 
 
 def defines_run(key: str) -> bool:
@@ -660,19 +718,20 @@ def build_sampler(
 ):
     """``sample(params, rng, shape, **model_kwargs)`` for ``config``'s model, schedule and sampler.
 
-    ``overrides`` replace entries of ``config.sample`` (sampler, num_steps, spacing, eta, ...).
-    A learned-variance model samples with the learned range (improved-DDPM). ``denoise_fn``
+    ``overrides`` replace entries of ``config.sample`` (sampler, num_steps, spacing, eta,
+    variance, ...); the reverse variance is :func:`sample_variance`'s. ``denoise_fn``
     (default: the model's) may wrap the model, e.g. for classifier-free guidance; ``cond_fn`` adds
     classifier guidance (see :func:`dj.make_sampler`).
     """
     s = dataclasses.replace(config.sample, **overrides)
+    variance = sample_variance(dataclasses.replace(config, sample=s))
     if denoise_fn is None:
         denoise_fn = denoise_fn_for(build_model(config) if model is None else model)
     return dj.make_sampler(
         denoise_fn,
         build_process(config),
         prediction=config.diffusion.prediction,
-        variance="learned_range" if config.model.learn_sigma else "fixed_small",
+        variance=variance,
         cond_fn=cond_fn,
         **s.sampler_kwargs(),
     )

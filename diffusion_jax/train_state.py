@@ -2,11 +2,14 @@
 
 :class:`TrainState` is a plain pytree of arrays, so ``jax.jit`` shards it, Orbax saves it and a
 restored copy continues bit-for-bit. The model and the optimiser are not in it; the training step
-closes over them.
+closes over them. With post-hoc EMA on (``ema.posthoc_sigma_rels``) the state is a
+:class:`PosthocTrainState`, which also carries the power-function averages; with it off the state,
+its checkpoints and the step are exactly those of runs from before post-hoc EMA existed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from diffusion_jax.config_utils import EmaConfig, OptimConfig
+from diffusion_jax.posthoc_ema import power_ema_step_size, sigma_rel_to_gamma
 
 Params = Any
 
@@ -53,6 +57,24 @@ class TrainState:
     def step_rng(self) -> jax.Array:
         """The typed PRNG key of the current step: ``fold_in(rng, step)``."""
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
+
+@flax.struct.dataclass
+class PosthocTrainState(TrainState):
+    """A :class:`TrainState` that also carries ``posthoc_emas``: one power-function EMA of the
+    parameters per entry of ``ema.posthoc_sigma_rels``, in that order (EDM2 Sec. 3.1)."""
+
+    posthoc_emas: tuple[Params, ...]
+
+
+def with_posthoc_emas(state: TrainState, num_profiles: int) -> TrainState:
+    """``state`` with ``num_profiles`` power-function EMAs, each starting as a copy of the
+    parameters (the first update weighs the start by 0); ``state`` itself when 0."""
+    if num_profiles == 0:
+        return state
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(TrainState)}
+    emas = tuple(jax.tree.map(jnp.copy, state.params) for _ in range(num_profiles))
+    return PosthocTrainState(**fields, posthoc_emas=emas)
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_updates: int) -> optax.Schedule:
@@ -108,6 +130,31 @@ def ema_decay(cfg: EmaConfig, num_updates: jax.Array) -> jax.Array:
 def update_ema(ema_params: Params, params: Params, decay: jax.Array) -> Params:
     """ema <- decay * ema + (1 - decay) * params (``optax.incremental_update``)."""
     return optax.incremental_update(params, ema_params, 1.0 - decay)
+
+
+def update_posthoc_emas(
+    emas: tuple[Params, ...],
+    params: Params,
+    cfg: EmaConfig,
+    num_updates: jax.Array,
+    moved: jax.Array | bool = True,
+) -> tuple[Params, ...]:
+    """The power-function EMAs of ``cfg.posthoc_sigma_rels`` after optimiser update ``num_updates``
+    (1-based): ema <- beta ema + (1 - beta) params, beta = (1 - 1/t)^(gamma + 1) (EDM2 Eq. 127,
+    gamma from sigma_rel by Eq. 126). ``moved``: whether the optimiser updated ``params`` in this
+    batch; if not (gradient accumulation between updates) the EMAs stay as they are.
+
+    Written as ema + (1 - beta)(params - ema), so that the weights keep summing to 1 in float32
+    when 1 - beta is tiny (beta itself rounds there).
+    """
+    gammas = sigma_rel_to_gamma(cfg.posthoc_sigma_rels)
+    out = []
+    for ema, gamma in zip(emas, gammas, strict=True):
+        step_size = jnp.where(moved, power_ema_step_size(float(gamma), num_updates), 0.0)
+        out.append(
+            jax.tree.map(lambda e, p, a=step_size: (e + a * (p - e)).astype(e.dtype), ema, params)
+        )
+    return tuple(out)
 
 
 def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:

@@ -3,12 +3,15 @@
 The step (Ho et al. Algorithm 1) draws t and eps for the whole global batch from
 ``fold_in(rng, step)``, so the same seed gives the same run on any number of devices or hosts. It
 takes one optimiser step (or one micro-step of gradient accumulation), updates the EMA of the
-parameters, and drops the update of a batch whose loss or gradient is not finite.
+parameters (and, with ``ema.posthoc_sigma_rels``, EDM2's power-function EMAs), and drops the update
+of a batch whose loss or gradient is not finite.
 
 :func:`train_and_evaluate` restores the newest checkpoint in ``workdir`` or starts afresh, then
 loops: log scalars to TensorBoard, save Orbax checkpoints, draw sample grids from the EMA weights,
 optionally trace a few steps with ``jax.profiler``, and on SIGTERM or a preemption notice save and
-return.
+return. With post-hoc EMA on it also saves snapshots of the power-function EMAs every
+``ema.posthoc_every_steps`` into ``<workdir>/posthoc_ema/`` (all kept; see
+:mod:`diffusion_jax.posthoc_ema`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import optax
 from etils import epath
 
 import diffusion_jax as dj
-from diffusion_jax import checkpoints, config_utils, images, sharding
+from diffusion_jax import checkpoints, config_utils, images, posthoc_ema, sharding
 from diffusion_jax.config_utils import Config, ProfileConfig
 from diffusion_jax.train_state import (
     TrainState,
@@ -43,6 +46,8 @@ from diffusion_jax.train_state import (
     make_optimizer,
     select_tree,
     update_ema,
+    update_posthoc_emas,
+    with_posthoc_emas,
 )
 
 RNG_STREAMS = ("init", "train", "sample", "data")
@@ -63,10 +68,12 @@ def rng_streams(seed: int) -> dict[str, jax.Array]:
 def init_state(
     model: nn.Module, config: Config, data_shape: tuple[int, ...], tx: optax.GradientTransformation
 ) -> TrainState:
-    """The step-0 :class:`TrainState` (pure; run under ``jax.eval_shape`` or ``jax.jit``)."""
+    """The step-0 :class:`TrainState` (pure; run under ``jax.eval_shape`` or ``jax.jit``), with
+    the power-function EMAs of ``ema.posthoc_sigma_rels`` when there are any."""
     streams = rng_streams(config.seed)
     params = config_utils.init_params(model, config, data_shape, streams["init"])
-    return TrainState.create(params, tx, streams["train"])
+    state = TrainState.create(params, tx, streams["train"])
+    return with_posthoc_emas(state, len(config.ema.posthoc_sigma_rels))
 
 
 def write_run(
@@ -212,6 +219,10 @@ def make_train_step(
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
             first_nonfinite_step=jnp.where(first_bad, step, state.first_nonfinite_step),
         )
+        if config.ema.posthoc_sigma_rels:  # of the parameters kept: a dropped batch repeats them
+            moved = step % accum == 0 if accum > 1 else True
+            emas = update_posthoc_emas(state.posthoc_emas, params, config.ema, step // accum, moved)
+            new_state = new_state.replace(posthoc_emas=emas)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -481,6 +492,19 @@ def _check_labels(labels: np.ndarray, num_classes: int, step: int) -> None:
         )
 
 
+def _drop_snapshots_after(snapshots: Any, step: int) -> None:
+    """Deletes the post-hoc EMA snapshots saved after ``step`` (the step the run continues from):
+    they belong to steps that will be trained again. All processes call it."""
+    stale = [s for s in snapshots.all_steps() if s > step]
+    for s in stale:
+        snapshots.delete(s)
+    if stale:
+        logging.warning(
+            "Deleted the post-hoc EMA snapshots of steps %s, after the checkpoint the run "
+            "continues from (step %d); they will be saved again.", stale, step,
+        )  # fmt: skip
+
+
 def train_and_evaluate(
     config: Any, workdir: str | epath.PathLike, *, hooks: Sequence[Callable[[int], None]] = ()
 ) -> TrainState:
@@ -550,13 +574,18 @@ def train_and_evaluate(
         # failed, then release Orbax's threads and event loop, then the data iterator.
         stack.callback(manager.close)
         stack.callback(manager.wait_until_finished)  # runs first: never exit mid-save
+        snapshots = None  # the post-hoc EMA snapshots' manager, when the run keeps them
+        if cfg.ema.posthoc_sigma_rels:
+            snapshots = posthoc_ema.snapshot_manager(workdir, async_save=cfg.checkpoint.async_save)
+            stack.callback(snapshots.close)
+            stack.callback(snapshots.wait_until_finished)
         writer = stack.enter_context(_Writer(workdir / "tensorboard", active=is_main))
         termination = stack.enter_context(_Termination().installed())
         profiler = _Profiler(cfg.profile, workdir / "tensorboard", active=is_main)
         stack.callback(profiler.stop)
         return _train_loop(
-            cfg, workdir, mesh, programs, process, train_iter, manager, writer, termination,
-            profiler, data_shape, hooks,
+            cfg, workdir, mesh, programs, process, train_iter, manager, snapshots, writer,
+            termination, profiler, data_shape, hooks,
         )  # fmt: skip
 
 
@@ -568,6 +597,7 @@ def _train_loop(
     process: dj.Process,
     train_iter: Any,
     manager: Any,
+    snapshots: Any,
     writer: _Writer,
     termination: _Termination,
     profiler: _Profiler,
@@ -591,6 +621,8 @@ def _train_loop(
         state, start = init(), 0
         logging.info("Starting from scratch (no checkpoint in %s)", manager.directory)
     last_saved = start if restored is not None else None
+    if snapshots is not None:
+        _drop_snapshots_after(snapshots, start)
 
     batch_keys, train_step, sample_grid = (
         programs.batch_keys,
@@ -604,6 +636,10 @@ def _train_loop(
         checkpoints.save(manager, step, state, train_iter, cfg, data_shape)
         checkpoints.write_config(workdir, cfg)  # only now: a start that fails leaves it as it was
         last_saved = step
+
+    def save_snapshot(step: int) -> None:
+        _check_finite(state, cfg, last_saved, workdir)
+        checkpoints.save(snapshots, step, state.posthoc_emas, None, cfg, data_shape)
 
     def draw_samples(step: int) -> None:
         t0 = time.time()
@@ -664,6 +700,8 @@ def _train_loop(
         pause_start = time.time()
         if step % cfg.checkpoint.every_steps == 0 or step == num_steps or preempted:
             save(step)
+        if snapshots is not None and (step % cfg.ema.posthoc_every_steps == 0 or step == num_steps):
+            save_snapshot(step)
         if preempted:
             manager.wait_until_finished()
             logging.warning(
