@@ -284,7 +284,12 @@ def _xla_flops(stage) -> float:
 
 class TorchWorker:
     def __init__(self, args: argparse.Namespace):
+        import diffusers.utils.import_utils as diffusers_imports
         import torch
+
+        # diffusers imports torchvision when installed, for models not used here; a torchvision
+        # built for another torch (a CUDA wheel beside a CPU torch) fails in registering its ops.
+        diffusers_imports._torchvision_available = False
         from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
         self.torch = torch

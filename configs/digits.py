@@ -82,7 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.ema.decay = 0.999
     config.ema.warmup = True
     config.ema.posthoc_sigma_rels = ()  # EDM2 post-hoc EMA widths to track, e.g. (0.05, 0.10); () off
-    config.ema.posthoc_every_steps = 1000  # their snapshot interval (python -m diffusion_jax.posthoc_ema)
+    config.ema.posthoc_every_steps = (
+        1000  # their snapshot interval (python -m diffusion_jax.posthoc_ema)
+    )
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 64

@@ -185,9 +185,8 @@ def largest_array_file(step_dir):
 
 def test_loaders_fall_back_past_a_truncated_newest_checkpoint(tiny_run, tmp_path, caplog):
     """Issue 21 item 1: the newest checkpoint's largest array file cut to 100 bytes. Without a step
-    the loaders (load_ema_params, load_sampler, evaluate's resolve_step) use step 10, warning about
+    the loaders (load_ema_params, load_sampler, checkpoints.resolve_step) use step 10, warning about
     step 20; asked for step 20 they stop with an error naming it and --checkpoint_step."""
-    from diffusion_jax.evaluation import pipeline
 
     workdir, _ = tiny_run
     copy = copy_of(workdir, tmp_path)
@@ -198,8 +197,8 @@ def test_loaders_fall_back_past_a_truncated_newest_checkpoint(tiny_run, tmp_path
     assert "checkpoint 20 in" in caplog.text and "is damaged" in caplog.text
     chex.assert_trees_all_equal(params, checkpoints.load_ema_params(workdir, step=10)[0])
     assert checkpoints.load_sampler(copy).step == 10
-    assert pipeline.resolve_step(str(copy), None) == 10
-    for load in (checkpoints.load_ema_params, checkpoints.load_sampler, pipeline.resolve_step):
+    assert checkpoints.resolve_step(str(copy)) == 10
+    for load in (checkpoints.load_ema_params, checkpoints.load_sampler, checkpoints.resolve_step):
         with pytest.raises(
             checkpoints.CorruptCheckpointError,
             match=r"checkpoint 20 in .*--checkpoint_step.*\[10\]",
