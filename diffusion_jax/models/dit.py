@@ -33,6 +33,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from diffusion_jax.models.layers import (
+    check_images,
     check_timesteps,
     default_init,
     labels_or_null,
@@ -272,12 +273,7 @@ class DiT(nn.Module):
         dims = self.dims()
         self._check_config(dims)
         dim, p = dims["hidden_size"], dims["patch_size"]
-        x = jnp.asarray(x)
-        if x.ndim != 4:
-            raise ValueError(
-                f"x must be a 4-D NHWC batch [B, H, W, C], got shape {x.shape}; "
-                "add a batch axis with x[None] or a channel axis with x[..., None]."
-            )
+        x = check_images(x)
         batch, height, width, in_ch = x.shape
         if height % p or width % p:
             raise ValueError(

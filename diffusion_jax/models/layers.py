@@ -87,3 +87,14 @@ def labels_or_null(y: ArrayLike | None, batch: int, num_classes: int | None) -> 
                 f"got values in [{lo}, {hi}]."
             )
     return y.astype(jnp.int32)
+
+
+def check_images(x: ArrayLike) -> jax.Array:
+    """``x`` as an array after checking it is a 4-D NHWC batch [B, H, W, C] (the image models' input)."""
+    x = jnp.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(
+            f"x must be a 4-D NHWC batch [B, H, W, C], got shape {x.shape}; "
+            "add a batch axis with x[None] or a channel axis with x[..., None]."
+        )
+    return x

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from diffusion_jax.models.layers import (
+    check_images,
     check_timesteps,
     default_init,
     labels_or_null,
@@ -224,12 +225,7 @@ class UNet(nn.Module):
     ) -> jax.Array:
         """Predict from x [B, H, W, C] at timesteps t [B] (labels y [B]) -> float32 [B, H, W, out]."""
         self._check_config()
-        x = jnp.asarray(x)
-        if x.ndim != 4:
-            raise ValueError(
-                f"x must be a 4-D NHWC batch [B, H, W, C], got shape {x.shape}; "
-                "add a batch axis with x[None] or a channel axis with x[..., None]."
-            )
+        x = check_images(x)
         batch, height, width, in_ch = x.shape
         num_levels = len(self.ch_mult)
         factor = 2 ** (num_levels - 1)
