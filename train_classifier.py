@@ -2,8 +2,9 @@ r"""Train a noise-aware classifier for classifier guidance.
 
     python train_classifier.py --config configs/digits_classifier.py --workdir /tmp/digits_classifier
 
-Resumes from ``<workdir>/checkpoints`` when rerun; override config keys on the command line, e.g.
-``--config.train.num_steps=200``. Then guide a diffusion model with it:
+Resumes from ``<workdir>/checkpoints`` when rerun (SIGTERM saves and stops: rerun to continue);
+override config keys on the command line, e.g. ``--config.train.num_steps=200``. Then guide a
+diffusion model with it:
 ``python sample.py --workdir RUN --classifier_workdir /tmp/digits_classifier --classifier_scale 2``.
 """
 
@@ -26,6 +27,9 @@ def main(argv):
 
     sharding.initialize_distributed()
     result = classifier_trainer.train_classifier(FLAGS.config, FLAGS.workdir)
+    if result["accuracy"] is None:  # stopped by SIGTERM or a preemption notice, after saving
+        print(f"stopped at step {result['step']}; run the same command again to continue")
+        return
     print(
         "held-out accuracy by timestep: "
         + ", ".join(f"t={t}: {a:.3f}" for t, a in result["accuracy"].items())

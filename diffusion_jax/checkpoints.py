@@ -615,8 +615,20 @@ def check_compatible(
     saved: dict[str, Any], config: config_utils.Config, holder: str, record: epath.Path
 ) -> None:
     """Raises ``ValueError`` listing the keys that define the run in which ``config`` differs from
-    ``saved`` (the config recorded in ``record``, described by ``holder``), and what to do."""
-    changes = config_utils.incompatible_changes(saved, config.to_dict())
+    ``saved`` (the config recorded in ``record``, described by ``holder``), and what to do.
+    ``config`` may also be a classifier's (:mod:`diffusion_jax.classifier_trainer`); a run of the
+    other kind is refused."""
+    current = config.to_dict()
+    kinds = [
+        "noise-aware classifier (train_classifier.py)" if "classifier" in c else "diffusion model"
+        for c in (saved, current)
+    ]
+    if kinds[0] != kinds[1]:
+        raise ValueError(
+            f"{holder} of a {kinds[0]}, not of a {kinds[1]}: give each its own --workdir (the "
+            f"saved config is {record})."
+        )
+    changes = config_utils.incompatible_changes(saved, current)
     if changes:
         raise ValueError(
             f"{holder} with an incompatible config:\n  "

@@ -5,31 +5,31 @@ r"""Training the noise-aware classifier p(y | x_t, t) that classifier guidance n
 The classifier (:class:`diffusion_jax.models.NoisyClassifier`) sees x_t ~ q(x_t | x_0) at t ~ U{0..T-1}
 of the same forward process as the diffusion model it will guide (``config.diffusion`` must match
 that model's schedule), and minimises the cross-entropy of the true label (:func:`dj.classifier_loss`).
-The loop shares the diffusion trainer's pieces: the sharded input pipeline, ``jax.jit`` over a
-device mesh, Adam with EMA (:mod:`diffusion_jax.train_state`) and Orbax checkpoints with resume
-(:mod:`diffusion_jax.checkpoints`). At the end it writes the held-out accuracy at several noise
-levels to ``<workdir>/eval.json``; :func:`load_classifier` gives back ``(classifier_fn, params, config)``
-ready for :func:`dj.classifier_guidance`.
+Only the step is this module's: the loop is the one the diffusion trainer runs
+(:func:`training_loop.run`: resume, non-finite checks, logging, Orbax checkpoints with
+``config.json``, SIGTERM and preemption saves), and the step ends with the same update
+(:func:`train_state.apply_gradients`: Adam, the EMA once per optimiser update under gradient
+accumulation, non-finite batches dropped). At the end it writes the held-out accuracy at several
+noise levels to ``<workdir>/eval.json``; :func:`load_classifier` gives back ``(classifier_fn,
+params, config)`` ready for :func:`dj.classifier_guidance`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import time
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from etils import epath
 
 import diffusion_jax as dj
-from diffusion_jax import checkpoints, config_utils, sharding
+from diffusion_jax import checkpoints, config_utils, sharding, training_loop
 from diffusion_jax.config_utils import (
     CheckpointConfig,
     ConfigError,
@@ -39,13 +39,7 @@ from diffusion_jax.config_utils import (
     TrainConfig,
 )
 from diffusion_jax.models import NoisyClassifier
-from diffusion_jax.train_state import (
-    TrainState,
-    ema_decay,
-    global_norm,
-    make_optimizer,
-    update_ema,
-)
+from diffusion_jax.train_state import TrainState, apply_gradients, make_optimizer
 
 # Fractions of T at which the held-out accuracy is reported (t = round(f * (T - 1))).
 EVAL_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -84,21 +78,32 @@ class ClassifierConfig:
 
 # The sections shared with a diffusion run's config, checked by the same dataclasses.
 _SECTIONS = {
-    k: config_utils._SECTIONS[k] for k in ("diffusion", "optim", "ema", "train", "checkpoint")
+    "diffusion": DiffusionConfig,
+    "optim": OptimConfig,
+    "ema": EmaConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
 }
 
 
 def parse_classifier_config(cfg: Any) -> ClassifierConfig:
     """Checks a classifier config (ConfigDict or nested mapping); unknown keys and bad values raise
     :class:`ConfigError` naming them."""
-    values = config_utils._as_dict(cfg)
+    values = config_utils.as_dict(cfg)
     seed, data_cfg = config_utils.parse_seed_and_data(values, ("classifier", *_SECTIONS))
     if not data_cfg.use_labels:
         raise ConfigError("a classifier needs labels: set data.use_labels=True.")
     classifier = config_utils.check_module_kwargs(
         NoisyClassifier, values.get("classifier", {}), "classifier", "classifier"
     )
-    sections = {k: config_utils._section(c, values.get(k, {}), k) for k, c in _SECTIONS.items()}
+    sections = {
+        k: config_utils.parse_section(c, values.get(k, {}), k) for k, c in _SECTIONS.items()
+    }
+    if sections["ema"].posthoc_sigma_rels:
+        raise ConfigError(
+            "ema.posthoc_sigma_rels: post-hoc EMA is kept for diffusion runs only; drop the key "
+            "from the classifier's config."
+        )
     return ClassifierConfig(seed=seed, data=data_cfg, classifier=classifier, **sections)
 
 
@@ -117,13 +122,19 @@ def _with_num_classes(config: ClassifierConfig, num_classes: int | None) -> Clas
 
 
 def make_classifier_step(
-    model: NoisyClassifier, config: ClassifierConfig, tx: optax.GradientTransformation
+    model: NoisyClassifier,
+    config: ClassifierConfig,
+    tx: optax.GradientTransformation,
+    learning_rate_fn: optax.Schedule,
 ) -> Callable[[TrainState, dict[str, jax.Array], dj.Schedule], tuple[TrainState, dict]]:
-    """``step(state, batch, schedule) -> (state, metrics)``: cross-entropy on noised images, Adam, EMA.
+    """``step(state, batch, schedule) -> (state, metrics)``: cross-entropy on noised images, then
+    the update every trainer's step ends with (:func:`train_state.apply_gradients`).
 
     ``batch``: {"x": [B, H, W, C] in [-1, 1], "label": int32 [B]}. ``metrics``: ``loss`` (nats),
-    ``accuracy`` (on the noised batch, t ~ uniform) and ``grad_norm``, all scalars.
+    ``accuracy`` (on the noised batch, t ~ uniform), ``grad_norm``, ``learning_rate`` (scalars)
+    and ``finite`` (False: the update was dropped).
     """
+    accum = config.optim.grad_accum_steps
 
     def loss_fn(params, batch, rng, schedule):
         loss_rng, dropout_rng = jax.random.split(rng)
@@ -140,12 +151,14 @@ def make_classifier_step(
         (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, batch, state.step_rng(), schedule
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        num = state.step + 1
-        ema = update_ema(state.ema_params, params, ema_decay(config.ema, num))
-        new_state = state.replace(step=num, params=params, ema_params=ema, opt_state=opt_state)
-        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": global_norm(grads)}
+        new_state, grad_norm, finite = apply_gradients(state, loss, grads, tx, config.ema, accum)
+        metrics = {
+            "loss": loss,
+            "accuracy": accuracy,
+            "grad_norm": grad_norm,
+            "learning_rate": jnp.asarray(learning_rate_fn(state.step // accum), jnp.float32),
+            "finite": finite,
+        }
         return new_state, metrics
 
     return step
@@ -187,11 +200,16 @@ def heldout_accuracy(
     return {t: float(h / count) for t, h in zip(timesteps, total, strict=True)}
 
 
-def train_classifier(config: Any, workdir: str | epath.PathLike) -> dict[str, Any]:
-    """Trains the noise-aware classifier of ``config`` into ``workdir`` (resuming if it has checkpoints).
+def train_classifier(
+    config: Any, workdir: str | epath.PathLike, *, hooks: Sequence[Callable[[int], None]] = ()
+) -> dict[str, Any]:
+    """Trains the noise-aware classifier of ``config`` into ``workdir`` (resuming if it has
+    checkpoints, under the same checks as :func:`trainer.train_and_evaluate`).
 
-    Returns (and writes to ``<workdir>/eval.json``) the held-out accuracy at several timesteps:
-    {"step": int, "accuracy": {t: float}}.
+    Returns (and writes to ``<workdir>/eval.json``) the held-out accuracy of the EMA parameters at
+    several timesteps: {"step": int, "accuracy": {t: float}}. Stopped early by SIGTERM or a
+    preemption notice, it saves, skips the evaluation and returns {"step": int, "accuracy": None};
+    rerun to continue. ``hooks``: called as ``hook(step)`` after every step.
     """
     from diffusion_jax import data
 
@@ -203,91 +221,61 @@ def train_classifier(config: Any, workdir: str | epath.PathLike) -> dict[str, An
         raise ValueError(
             f"the classifier takes images [H, W, C]; the data have shape {data_shape}."
         )
-    workdir = epath.Path(workdir)
-    is_main = jax.process_index() == 0
-    mesh = sharding.make_mesh()
-    local_batch = sharding.check_batch_size(cfg.train.batch_size, mesh)
-    _check_workdir(workdir, cfg)
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / checkpoints.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+    workdir, mesh, _ = training_loop.prepare(workdir, cfg)
 
     model = cfg.build_model()
     schedule_local = config_utils.build_schedule(cfg)
     schedule = jax.device_put(jax.tree.map(np.asarray, schedule_local), sharding.replicated(mesh))
-    tx, _ = make_optimizer(cfg.optim, cfg.train.num_steps)
-    keys = jax.random.split(jax.random.key(cfg.seed), 3)
+    tx, lr_fn = make_optimizer(cfg.optim, cfg.train.num_steps)
+    keys = jax.random.split(jax.random.key(cfg.seed), 3)  # parameters, steps, data
 
     def init():
         return TrainState.create(_init_params(model, data_shape, keys[0]), tx, keys[1])
 
     abstract = jax.eval_shape(init)
     shardings = sharding.state_shardings(abstract, mesh)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    data_seed = int(jax.random.randint(keys[2], (), 0, 2**31 - 1))
-    train_iter = data.make_train_iterator(
-        cfg.data, batch_size=local_batch, seed=data_seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )  # fmt: skip
     step_fn = jax.jit(
-        make_classifier_step(model, cfg, tx),
+        make_classifier_step(model, cfg, tx, lr_fn),
         in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-
-    with contextlib.ExitStack() as stack:
-        manager = checkpoints.make_manager(
-            workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
-        )
-        stack.callback(manager.close)
-        stack.callback(manager.wait_until_finished)
-        restored = checkpoints.restore_latest(manager, target, train_iter)
-        if restored is not None:
-            state, start = restored
-            logging.info("Resuming the classifier from step %d in %s", start, manager.directory)
-        else:
-            state, start = jax.jit(init, out_shardings=shardings)(), 0
-        num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract.params))
-        logging.info(
-            "NoisyClassifier with %s parameters; %d steps", f"{num_params:,}", cfg.train.num_steps
-        )
-
-        t0, history = time.time(), []
-        for step in range(start + 1, cfg.train.num_steps + 1):
-            batch = sharding.global_batch(
-                {k: v for k, v in next(train_iter).items() if k in ("x", "label")}, mesh
-            )
-            state, metrics = step_fn(state, batch, schedule)
-            history.append(metrics)
-            if step % cfg.train.log_every_steps == 0 or step == cfg.train.num_steps:
-                summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
-                history = []
-                if not np.isfinite(summary["loss"]):
-                    raise FloatingPointError(
-                        f"the classifier's loss is {summary['loss']} by step {step}; lower "
-                        "optim.learning_rate or set optim.grad_clip_norm. The last checkpoint "
-                        f"in {manager.directory} is intact."
-                    )
-                logging.info(
-                    "step %d: loss %.4f, noisy-batch accuracy %.3f (%.1f steps/s)", step,
-                    summary["loss"], summary["accuracy"], (step - start) / max(time.time() - t0, 1e-9),
-                )  # fmt: skip
-            if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.num_steps:
-                checkpoints.save(manager, step, state, train_iter, cfg, data_shape)
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract.params))
+    logging.info(
+        "NoisyClassifier with %s parameters; %d steps", f"{num_params:,}", cfg.train.num_steps
+    )
+    task = training_loop.Task(
+        config=cfg,
+        data_shape=data_shape,
+        init_state=init,
+        abstract_state=abstract,
+        state_shardings=shardings,
+        train_step=step_fn,
+        step_args=(schedule,),
+        batch_keys=("x", "label"),
+        metrics_to_log=(
+            ("loss", "loss", ".4f"),
+            ("accuracy", "noisy-batch accuracy", ".3f"),
+            ("grad_norm", "grad_norm", ".3f"),
+            ("learning_rate", "lr", ".2e"),
+        ),
+        data_seed=int(jax.random.randint(keys[2], (), 0, 2**31 - 1)),
+    )
+    state = training_loop.run(task, workdir, mesh, hooks=hooks)
+    step = int(state.step)
+    if step < cfg.train.num_steps:  # stopped early: the rerun evaluates
+        return {"step": step, "accuracy": None}
 
     eval_iter = data.make_eval_iterator(cfg.data, batch_size=256)
     accuracy = heldout_accuracy(
         _apply_fn(model), sharding.to_host(state.ema_params), schedule_local, eval_iter
     )
-    result = {"step": int(state.step), "accuracy": accuracy}
+    result = {"step": step, "accuracy": accuracy}
     logging.info(
         "Held-out accuracy (EMA) by timestep: %s",
         ", ".join(f"t={t}: {a:.3f}" for t, a in accuracy.items()),
     )
-    if is_main:
+    if jax.process_index() == 0:
         (workdir / EVAL_FILE).write_text(json.dumps(result, indent=2))
     return result
 
@@ -299,23 +287,6 @@ def _init_params(model: NoisyClassifier, data_shape: tuple[int, ...], rng: jax.A
 
 def _apply_fn(model: NoisyClassifier) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
     return lambda params, x_t, t: model.apply({"params": params}, x_t, t, train=False)
-
-
-def _check_workdir(workdir: epath.Path, cfg: ClassifierConfig) -> None:
-    path = workdir / checkpoints.CONFIG_FILE
-    if not path.exists():
-        return
-    saved = json.loads(path.read_text())
-    if "classifier" not in saved:
-        raise ValueError(
-            f"{workdir} holds a diffusion run, not a classifier: give train_classifier.py its own --workdir."
-        )
-    for key in ("classifier", "diffusion", "data"):
-        if saved.get(key) != cfg.to_dict().get(key):
-            raise ValueError(
-                f"{workdir} was trained with a different {key!r} section ({saved.get(key)} vs "
-                f"{cfg.to_dict().get(key)}); use a new --workdir or the saved config."
-            )
 
 
 def load_classifier(

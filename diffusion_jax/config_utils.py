@@ -35,11 +35,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # covers its whole section). They fix the state's arrays (model, optimiser), what the loss means
 # (diffusion), the examples and their order (data; train.batch_size, as the data position counts
 # batches) and the random streams (seed); the post-hoc EMA profiles are arrays of the state, each
-# averaged since step 1. Everything else may change between runs: how long (train.num_steps), the
-# learning rate and its schedule, EMA, logging, checkpoints, samples, sharding.
+# averaged since step 1; a classifier run's network is its "classifier" section. Everything else
+# may change between runs: how long (train.num_steps), the learning rate and its schedule, EMA,
+# logging, checkpoints, samples, sharding.
 RUN_DEFINING_KEYS = (
     "seed",
     "model",
+    "classifier",
     "diffusion",
     "data",
     "train.batch_size",
@@ -449,11 +451,12 @@ def _unknown_key_message(
     return f"unknown config {kind} {path!r}{where}.{hint} Known keys: {sorted(known)}."
 
 
-def _as_dict(cfg: Any) -> dict[str, Any]:
+def as_dict(cfg: Any) -> dict[str, Any]:
+    """A config (ConfigDict, typed config or nested mapping) as a nested dict."""
     if hasattr(cfg, "to_dict"):
         return cfg.to_dict()
     if isinstance(cfg, Mapping):
-        return {k: _as_dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
+        return {k: as_dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
     raise ConfigError(f"expected a ConfigDict or a mapping, got {type(cfg).__name__}.")
 
 
@@ -480,7 +483,9 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{path}={value!r} has type {type(value).__name__}; expected {names}.")
 
 
-def _section(cls: type, values: Mapping[str, Any], path: str):
+def parse_section(cls: type, values: Mapping[str, Any], path: str):
+    """The section dataclass ``cls`` (e.g. :class:`TrainConfig`) of ``values``, each checked
+    against its type hint; an unknown key raises :class:`ConfigError` naming ``path.key``."""
     hints = typing.get_type_hints(cls)
     known = tuple(hints)
     kwargs = {}
@@ -512,12 +517,12 @@ def parse_config(cfg: Any) -> Config:
     Missing keys take the dataclass defaults; an unknown key anywhere raises :class:`ConfigError`
     naming it. The ``data`` section is checked by ``diffusion_jax.data.to_data_config``.
     """
-    values = _as_dict(cfg)
+    values = as_dict(cfg)
     seed, data_cfg = parse_seed_and_data(values, ("model", *_SECTIONS))
     model_values = dict(values.get("model", {}))
     name = model_values.pop("name", "unet")
     model = ModelConfig(name=name, kwargs=model_values)
-    sections = {key: _section(cls, values.get(key, {}), key) for key, cls in _SECTIONS.items()}
+    sections = {key: parse_section(cls, values.get(key, {}), key) for key, cls in _SECTIONS.items()}
     config = Config(seed=seed, data=data_cfg, model=model, **sections)
     _check_consistency(config)
     return config

@@ -157,6 +157,53 @@ def update_posthoc_emas(
     return tuple(out)
 
 
+def apply_gradients(
+    state: TrainState,
+    loss: jax.Array,
+    grads: Params,
+    tx: optax.GradientTransformation,
+    ema: EmaConfig,
+    grad_accum_steps: int = 1,
+) -> tuple[TrainState, jax.Array, jax.Array]:
+    """One batch's update of ``state`` from its ``loss`` and ``grads``: (new state, global gradient
+    norm before clipping, whether the update was kept). Every training step ends with it.
+
+    The optimiser ``tx`` (from :func:`make_optimizer`) takes the gradients; with
+    ``grad_accum_steps`` > 1 it moves the parameters once every that many batches, and so do the
+    EMA (decay from :func:`ema_decay` of the update count) and the power-function EMAs of
+    ``ema.posthoc_sigma_rels`` (``state`` a :class:`PosthocTrainState` then). A batch whose loss
+    or gradient norm is not finite changes nothing but ``step`` and the non-finite counters.
+    """
+    accum = grad_accum_steps
+    grad_norm = global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    ema_params = update_ema(state.ema_params, params, ema_decay(ema, step // accum))
+    if accum > 1:  # the optimiser (and so the EMA) moves once every `accum` batches
+        ema_params = select_tree(step % accum == 0, ema_params, state.ema_params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, ema_params, opt_state = select_tree(
+        finite,
+        (params, ema_params, opt_state),
+        (state.params, state.ema_params, state.opt_state),
+    )
+    first_bad = (~finite) & (state.first_nonfinite_step < 0)
+    new_state = state.replace(
+        step=step,
+        params=params,
+        ema_params=ema_params,
+        opt_state=opt_state,
+        nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+        first_nonfinite_step=jnp.where(first_bad, step, state.first_nonfinite_step),
+    )
+    if ema.posthoc_sigma_rels:  # of the parameters kept: a dropped batch repeats them
+        moved = step % accum == 0 if accum > 1 else True
+        emas = update_posthoc_emas(state.posthoc_emas, params, ema, step // accum, moved)
+        new_state = new_state.replace(posthoc_emas=emas)
+    return new_state, grad_norm, finite
+
+
 def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
     """Leafwise ``where(pred, a, b)`` for two pytrees of the same structure; ``pred`` is a scalar bool."""
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)

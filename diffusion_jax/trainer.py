@@ -6,27 +6,22 @@ takes one optimiser step (or one micro-step of gradient accumulation), updates t
 parameters (and, with ``ema.posthoc_sigma_rels``, EDM2's power-function EMAs), and drops the update
 of a batch whose loss or gradient is not finite.
 
-:func:`train_and_evaluate` restores the newest checkpoint in ``workdir`` or starts afresh, then
-loops: log scalars to TensorBoard, save Orbax checkpoints, draw sample grids from the EMA weights,
-optionally trace a few steps with ``jax.profiler``, and on SIGTERM or a preemption notice save and
-return. With post-hoc EMA on it also saves snapshots of the power-function EMAs every
-``ema.posthoc_every_steps`` into ``<workdir>/posthoc_ema/`` (all kept; see
-:mod:`diffusion_jax.posthoc_ema`).
+:func:`train_and_evaluate` runs it in the loop every trainer shares (:mod:`diffusion_jax.training_loop`:
+restore or start afresh, log scalars to TensorBoard, save Orbax checkpoints, optionally trace a few
+steps with ``jax.profiler``, and on SIGTERM or a preemption notice save and return) and adds this
+trainer's periodic work: sample grids from the EMA weights and, with post-hoc EMA on, snapshots of
+the power-function EMAs every ``ema.posthoc_every_steps`` into ``<workdir>/posthoc_ema/`` (all
+kept; see :mod:`diffusion_jax.posthoc_ema`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
-import os
-import pathlib
-import shutil
-import signal
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -37,25 +32,18 @@ import optax
 from etils import epath
 
 import diffusion_jax as dj
-from diffusion_jax import checkpoints, config_utils, images, posthoc_ema, sharding
-from diffusion_jax.config_utils import Config, ProfileConfig
+from diffusion_jax import checkpoints, config_utils, images, posthoc_ema, sharding, training_loop
+from diffusion_jax.config_utils import Config
 from diffusion_jax.train_state import (
     TrainState,
-    ema_decay,
-    global_norm,
+    apply_gradients,
     make_optimizer,
-    select_tree,
-    update_ema,
-    update_posthoc_emas,
     with_posthoc_emas,
 )
+from diffusion_jax.training_loop import NonFiniteLossError as NonFiniteLossError  # re-exported
 
 RNG_STREAMS = ("init", "train", "sample", "data")
 Metrics = dict[str, jax.Array]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradient norm became NaN or infinite (``train.on_nonfinite = "stop"``)."""
 
 
 def rng_streams(seed: int) -> dict[str, jax.Array]:
@@ -199,30 +187,7 @@ def make_train_step(
         )
         if param_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, param_shardings)
-        grad_norm = global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        step = state.step + 1
-        ema = update_ema(state.ema_params, params, ema_decay(config.ema, step // accum))
-        if accum > 1:  # the optimiser (and so the EMA) moves once every `accum` batches
-            ema = select_tree(step % accum == 0, ema, state.ema_params)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, ema, opt_state = select_tree(
-            finite, (params, ema, opt_state), (state.params, state.ema_params, state.opt_state)
-        )
-        first_bad = (~finite) & (state.first_nonfinite_step < 0)
-        new_state = state.replace(
-            step=step,
-            params=params,
-            ema_params=ema,
-            opt_state=opt_state,
-            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-            first_nonfinite_step=jnp.where(first_bad, step, state.first_nonfinite_step),
-        )
-        if config.ema.posthoc_sigma_rels:  # of the parameters kept: a dropped batch repeats them
-            moved = step % accum == 0 if accum > 1 else True
-            emas = update_posthoc_emas(state.posthoc_emas, params, config.ema, step // accum, moved)
-            new_state = new_state.replace(posthoc_emas=emas)
+        new_state, grad_norm, finite = apply_gradients(state, loss, grads, tx, config.ema, accum)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -332,158 +297,10 @@ def build_programs(cfg: Config, mesh: jax.sharding.Mesh, data_shape: tuple[int, 
     )  # fmt: skip
 
 
-class _Termination:
-    """Remembers a SIGTERM in a single-process run.
-
-    Multi-process runs (every pod slice, and any run where ``jax.distributed`` is initialised) leave
-    SIGTERM to JAX's preemption notifier instead: each process reports the signal to the
-    coordination service, and :func:`checkpoints.reached_preemption` becomes True on every process
-    at the same step, so all of them save that step and stop together.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def _handler(self, signum, frame):
-        del signum, frame
-        logging.warning(
-            "SIGTERM received: saving a checkpoint at the end of this step, then exiting."
-        )
-        self.requested = True
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_Termination]:
-        install = (
-            not jax.distributed.is_initialized()
-            and threading.current_thread() is threading.main_thread()
-        )
-        if install:
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
-        try:
-            yield self
-        finally:
-            if install:
-                signal.signal(signal.SIGTERM, self._previous)
-
-
-class _Writer:
-    """TensorBoard scalars and images (process 0 only; other processes do nothing).
-
-    tensorboardX writes gs:// logdirs itself, through google-cloud-storage (checked at start by
-    :func:`checkpoints.check_storage`), re-uploading the event file at every flush.
-    """
-
-    def __init__(self, logdir: epath.Path, active: bool):
-        self._writer = None
-        if active:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(logdir=os.fspath(logdir))
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self._writer:
-            for name, value in values.items():
-                self._writer.add_scalar(name, value, step)
-            self._writer.flush()
-
-    def image(self, step: int, name: str, picture_uint8: np.ndarray) -> None:
-        if self._writer:
-            self._writer.add_image(name, picture_uint8, step, dataformats="HWC")
-            self._writer.flush()
-
-    def __enter__(self) -> _Writer:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._writer:
-            self._writer.close()
-
-
-class _Profiler:
-    """A ``jax.profiler`` trace of the steps ``[start_step, start_step + num_steps)`` on process 0,
-    into ``logdir/plugins/profile/<time>/`` where TensorBoard's profile plugin finds it.
-
-    JAX writes traces to local folders; for a bucket logdir the trace goes to a temporary folder
-    first and is copied over when it stops.
-    """
-
-    def __init__(self, config: ProfileConfig, logdir: epath.Path, active: bool):
-        self.first, self.last = config.start_step, config.start_step + config.num_steps - 1
-        self.active = active and config.num_steps > 0
-        self.logdir = logdir
-        self.remote = "://" in os.fspath(logdir)
-        self._tracing_into: str | None = None
-
-    def before_step(self, step: int) -> None:
-        if self.active and step == self.first:
-            self._tracing_into = tempfile.mkdtemp() if self.remote else os.fspath(self.logdir)
-            jax.profiler.start_trace(self._tracing_into)
-            logging.info("Profiling steps %d to %d", self.first, self.last)
-
-    def after_step(self, step: int, state: Any) -> None:
-        if self._tracing_into is not None and step >= self.last:
-            jax.block_until_ready(state)
-            self.stop()
-
-    def stop(self) -> None:
-        """Ends a running trace (also when the run stops early) and puts it under ``logdir``."""
-        if self._tracing_into is None:
-            return
-        local, self._tracing_into = pathlib.Path(self._tracing_into), None
-        jax.profiler.stop_trace()
-        if self.remote:
-            for path in local.rglob("*"):
-                if path.is_file():
-                    target = self.logdir / path.relative_to(local).as_posix()
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(path.read_bytes())
-            shutil.rmtree(local)
-        logging.info("Wrote a profile to %s (TensorBoard: Profile tab)", self.logdir / "plugins")
-
-
-def _format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
-def _summarize(metrics: list[Metrics]) -> dict[str, float]:
-    """Means over a log interval of the metrics of finite steps (host numpy)."""
-    finite = [m for m in jax.device_get(metrics) if bool(m["finite"])]
-    out = {}
-    for key in ("loss", "grad_norm", "learning_rate"):
-        values = [float(m[key]) for m in finite]
-        out[key] = float(np.mean(values)) if values else float("nan")
-    return out
-
-
-def _check_finite(
-    state: TrainState, config: Config, last_saved: int | None, workdir: epath.Path
-) -> int:
-    """Number of dropped (non-finite) steps so far; raises in ``on_nonfinite = "stop"`` mode."""
-    count, first = (
-        int(v) for v in jax.device_get((state.nonfinite_steps, state.first_nonfinite_step))
-    )
-    if count and config.train.on_nonfinite == "stop":
-        saved = (
-            f"the last checkpoint (step {last_saved}) in {workdir / checkpoints.CHECKPOINT_DIR} is untouched"
-            if last_saved is not None
-            else "no checkpoint was written"
-        )
-        raise NonFiniteLossError(
-            f"the loss or gradient became non-finite (NaN or inf) at step {first}; stopping, and "
-            f"{saved}. Lower optim.learning_rate, check the data, or set train.on_nonfinite='skip' "
-            "to drop such steps instead."
-        )
-    return count
-
-
-def _check_labels(labels: np.ndarray, num_classes: int, step: int) -> None:
+def _check_labels(batch: dict[str, np.ndarray], step: int, *, num_classes: int) -> None:
     """Raises if a host batch has labels outside [0, num_classes) (the model's embedding would give
     NaN there at the step; label num_classes is its null class)."""
-    low, high = int(np.min(labels)), int(np.max(labels))
+    low, high = int(np.min(batch["label"])), int(np.max(batch["label"]))
     if low < 0 or high >= num_classes:
         raise ValueError(
             f"the batch of step {step} has labels in [{low}, {high}] but model.num_classes="
@@ -517,19 +334,12 @@ def train_and_evaluate(
     raises ``ValueError``; see :func:`checkpoints.check_compatible`). Returns the final state.
     ``hooks`` are called as ``hook(step)`` on every process after every step (notebook progress
     bars, tests that inject failures). On SIGTERM or a TPU preemption notice it saves and returns
-    early; rerun the same command to continue.
+    early; rerun the same command to continue. The loop itself is :func:`training_loop.run`.
     """
     from diffusion_jax import data
 
     cfg = config if isinstance(config, Config) else config_utils.parse_config(config)
-    checkpoints.check_storage(workdir)
-    workdir = epath.Path(workdir)
-    is_main = jax.process_index() == 0
-    mesh = sharding.make_mesh()
-    local_batch = sharding.check_batch_size(cfg.train.batch_size, mesh)
-    checkpoints.check_workdir(workdir, cfg)
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
+    workdir, mesh, local_batch = training_loop.prepare(workdir, cfg)
 
     info = data.dataset_info(cfg.data)
     data_shape = tuple(info.shape)
@@ -555,169 +365,65 @@ def train_and_evaluate(
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(programs.abstract_state.params))
     logging.info("Model %s with %s parameters", cfg.model.name, f"{num_params:,}")
 
-    data_seed = int(jax.random.randint(rng_streams(cfg.seed)["data"], (), 0, 2**31 - 1))
-    train_iter = data.make_train_iterator(
-        cfg.data,
-        batch_size=local_batch,
-        seed=data_seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-
     with contextlib.ExitStack() as stack:
-        if hasattr(train_iter, "close"):  # grain's reader threads and worker processes
-            stack.callback(train_iter.close)
-        manager = checkpoints.make_manager(
-            workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
-        )
-        # Exits in reverse order: wait for the last save (and its checksums) even when the run
-        # failed, then release Orbax's threads and event loop, then the data iterator.
-        stack.callback(manager.close)
-        stack.callback(manager.wait_until_finished)  # runs first: never exit mid-save
-        snapshots = None  # the post-hoc EMA snapshots' manager, when the run keeps them
+        periodic = []
+        on_start = None
         if cfg.ema.posthoc_sigma_rels:
             snapshots = posthoc_ema.snapshot_manager(workdir, async_save=cfg.checkpoint.async_save)
             stack.callback(snapshots.close)
             stack.callback(snapshots.wait_until_finished)
-        writer = stack.enter_context(_Writer(workdir / "tensorboard", active=is_main))
-        termination = stack.enter_context(_Termination().installed())
-        profiler = _Profiler(cfg.profile, workdir / "tensorboard", active=is_main)
-        stack.callback(profiler.stop)
-        return _train_loop(
-            cfg, workdir, mesh, programs, process, train_iter, manager, snapshots, writer,
-            termination, profiler, data_shape, hooks,
-        )  # fmt: skip
-
-
-def _train_loop(
-    cfg: Config,
-    workdir: epath.Path,
-    mesh: jax.sharding.Mesh,
-    programs: Programs,
-    process: dj.Process,
-    train_iter: Any,
-    manager: Any,
-    snapshots: Any,
-    writer: _Writer,
-    termination: _Termination,
-    profiler: _Profiler,
-    data_shape: tuple[int, ...],
-    hooks: Sequence[Callable[[int], None]],
-) -> TrainState:
-    """Restore or initialise, then step, log, save and sample until ``train.num_steps``."""
-    is_main = jax.process_index() == 0
-    num_steps = cfg.train.num_steps
-
-    target = programs.abstract_state_args()
-    restored = checkpoints.restore_latest(manager, target, train_iter, cfg)
-    if restored is not None:
-        state, start = restored
-        logging.info("Resuming from the checkpoint at step %d in %s", start, manager.directory)
-    else:
-        init = jax.jit(
-            lambda: init_state(programs.model, cfg, data_shape, programs.tx),
-            out_shardings=programs.state_shardings,
+            on_start = functools.partial(_drop_snapshots_after, snapshots)
+            snapshot = functools.partial(_save_snapshot, snapshots, cfg, data_shape)
+            periodic.append(
+                training_loop.Periodic(cfg.ema.posthoc_every_steps, snapshot, saves=True)
+            )
+        if programs.sample_grid is not None:
+            draw = functools.partial(_draw_samples, programs.sample_grid, cfg, workdir)
+            periodic.append(training_loop.Periodic(cfg.sample.every_steps, draw))
+        check_batch = None
+        if "label" in programs.batch_keys:
+            check_batch = functools.partial(_check_labels, num_classes=num_classes)
+        task = training_loop.Task(
+            config=cfg,
+            data_shape=data_shape,
+            init_state=lambda: init_state(programs.model, cfg, data_shape, programs.tx),
+            abstract_state=programs.abstract_state,
+            state_shardings=programs.state_shardings,
+            train_step=programs.train_step,
+            step_args=(process,),
+            batch_keys=programs.batch_keys,
+            metrics_to_log=(
+                ("loss", "loss", ".4f"),
+                ("grad_norm", "grad_norm", ".3f"),
+                ("learning_rate", "lr", ".2e"),
+            ),
+            data_seed=int(jax.random.randint(rng_streams(cfg.seed)["data"], (), 0, 2**31 - 1)),
+            periodic=tuple(periodic),
+            check_batch=check_batch,
+            on_start=on_start,
+            profile=cfg.profile,
         )
-        state, start = init(), 0
-        logging.info("Starting from scratch (no checkpoint in %s)", manager.directory)
-    last_saved = start if restored is not None else None
-    if snapshots is not None:
-        _drop_snapshots_after(snapshots, start)
+        return training_loop.run(task, workdir, mesh, hooks=hooks)
 
-    batch_keys, train_step, sample_grid = (
-        programs.batch_keys,
-        programs.train_step,
-        programs.sample_grid,
-    )
 
-    def save(step: int) -> None:
-        nonlocal last_saved
-        _check_finite(state, cfg, last_saved, workdir)  # never save a run that must stop
-        checkpoints.save(manager, step, state, train_iter, cfg, data_shape)
-        checkpoints.write_config(workdir, cfg)  # only now: a start that fails leaves it as it was
-        last_saved = step
+def _save_snapshot(
+    snapshots: Any, cfg: Config, data_shape: tuple[int, ...], step: int, state: TrainState
+) -> None:
+    """Saves the power-function EMAs of ``state`` as post-hoc EMA snapshot ``step``."""
+    checkpoints.save(snapshots, step, state.posthoc_emas, None, cfg, data_shape)
 
-    def save_snapshot(step: int) -> None:
-        _check_finite(state, cfg, last_saved, workdir)
-        checkpoints.save(snapshots, step, state.posthoc_emas, None, cfg, data_shape)
 
-    def draw_samples(step: int) -> None:
-        t0 = time.time()
-        samples = sharding.to_host(sample_grid(state.ema_params))
-        if is_main:
-            picture = images.picture(np.asarray(samples), columns=cfg.model.num_classes)
-            path = workdir / "samples" / f"step_{step:08d}.png"
-            images.save_png(path, picture)
-            writer.image(step, "samples", picture)
-            logging.info("Wrote %s (%.1fs)", path, time.time() - t0)
-
-    pending: list[Metrics] = []
-    interval_start, interval_step, paused = time.time(), start, 0.0
-    step = start
-    for step in range(start + 1, num_steps + 1):
-        profiler.before_step(step)
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):  # steps in the profile
-            local = next(train_iter)
-            if "label" in batch_keys:
-                _check_labels(local["label"], cfg.model.num_classes, step)
-            batch = sharding.global_batch({k: local[k] for k in batch_keys}, mesh)
-            with jax.transfer_guard("disallow"):
-                state, metrics = train_step(state, batch, process)
-        profiler.after_step(step, state)
-        pending.append(metrics)
-        if step == start + 1:  # the first step compiles; time the rest
-            jax.block_until_ready(metrics)
-            logging.info("First step (with compilation) took %.1fs", time.time() - interval_start)
-            interval_start, interval_step, pending = time.time(), step, []
-        for hook in hooks:
-            hook(step)
-
-        if pending and (step % cfg.train.log_every_steps == 0 or step == num_steps):
-            summary = _summarize(pending)
-            nonfinite = _check_finite(state, cfg, last_saved, workdir)
-            elapsed = time.time() - interval_start - paused
-            steps_per_sec = (step - interval_step) / max(elapsed, 1e-9)
-            scalars = {
-                "train/loss": summary["loss"],
-                "train/grad_norm": summary["grad_norm"],
-                "train/learning_rate": summary["learning_rate"],
-                "train/steps_per_sec": steps_per_sec,
-                "train/images_per_sec": steps_per_sec * cfg.train.batch_size,
-                "train/nonfinite_steps": float(nonfinite),
-            }
-            writer.scalars(step, scalars)
-            if is_main:
-                logging.info(
-                    "step %d/%d | loss %.4f | grad_norm %.3f | lr %.2e | %.2f steps/s, %.0f examples/s | ETA %s%s",
-                    step, num_steps, summary["loss"], summary["grad_norm"], summary["learning_rate"],
-                    steps_per_sec, steps_per_sec * cfg.train.batch_size,
-                    _format_duration((num_steps - step) / max(steps_per_sec, 1e-9)),
-                    f" | {nonfinite} non-finite steps skipped" if nonfinite else "",
-                )  # fmt: skip
-            pending, interval_start, interval_step, paused = [], time.time(), step, 0.0
-
-        preempted = termination.requested or checkpoints.reached_preemption(manager, step)
-        pause_start = time.time()
-        if step % cfg.checkpoint.every_steps == 0 or step == num_steps or preempted:
-            save(step)
-        if snapshots is not None and (step % cfg.ema.posthoc_every_steps == 0 or step == num_steps):
-            save_snapshot(step)
-        if preempted:
-            manager.wait_until_finished()
-            logging.warning(
-                "Stopped at step %d on a termination request; checkpoint saved. Run the same "
-                "command again to continue.", step,
-            )  # fmt: skip
-            return state
-        every = cfg.sample.every_steps
-        if sample_grid is not None and (step == num_steps or (every and step % every == 0)):
-            draw_samples(step)
-        paused += time.time() - pause_start
-
-    if start >= num_steps:
-        logging.info(
-            "Nothing to do: the checkpoint is at step %d and train.num_steps=%d.", start, num_steps
-        )
-    _check_finite(state, cfg, last_saved, workdir)
-    manager.wait_until_finished()
-    return state
+def _draw_samples(
+    sample_grid: Any, cfg: Config, workdir: epath.Path, step: int, state: TrainState
+) -> dict[str, np.ndarray] | None:
+    """Draws the sample grid from the EMA parameters into ``samples/step_<step>.png``; returns
+    the picture for TensorBoard (process 0; None on the others)."""
+    t0 = time.time()
+    samples = sharding.to_host(sample_grid(state.ema_params))
+    if jax.process_index() != 0:
+        return None
+    picture = images.picture(np.asarray(samples), columns=cfg.model.num_classes)
+    path = workdir / "samples" / f"step_{step:08d}.png"
+    images.save_png(path, picture)
+    logging.info("Wrote %s (%.1fs)", path, time.time() - t0)
+    return {"samples": picture}

@@ -1,4 +1,9 @@
-"""The noise-aware classifier and its loss; classifier guidance with a trained one."""
+"""The noise-aware classifier and its loss; classifier guidance with a trained one; its trainer
+(train_classifier) in the training loop it shares with the diffusion trainer."""
+
+import json
+import logging
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -119,3 +124,188 @@ def test_noisy_classifier_forward_mode_equals_reverse_mode(monkeypatch):
     t = jnp.array([5, 80])
     params = jax.jit(model.init)(jax.random.key(1), x, t)["params"]
     check_forward_mode(lambda p, x: model.apply({"params": p}, x, t), params, x, monkeypatch)
+
+
+# ----------------------------------------------------------------------------------------------
+# train_classifier: the shared training loop (issue 22) under a 4-step run of a tiny classifier.
+
+
+def classifier_config(**overrides):
+    """4 steps of a one-level classifier on the 8x8 digits, two micro-batches per optimiser update,
+    EMA decay 0.5 (no warm-up), checkpoints every 2 steps, a log line only at the end."""
+    from configs import digits_classifier
+
+    config = digits_classifier.get_config()
+    config.data.num_threads = 0
+    config.diffusion.num_timesteps = 100
+    config.classifier.ch_mult = (1,)
+    config.classifier.dropout = 0.0
+    config.optim.learning_rate = 1e-2
+    config.optim.warmup_steps = 0
+    config.optim.lr_schedule = "constant"
+    config.optim.grad_accum_steps = 2
+    config.ema.decay = 0.5
+    config.ema.warmup = False
+    config.train.batch_size = 8
+    config.train.num_steps = 4
+    config.train.log_every_steps = 50
+    config.checkpoint.every_steps = 2
+    config.checkpoint.keep = 10
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        setattr(config[section], name, value)
+    return config
+
+
+def saved_state(workdir, step: int) -> dict:
+    """The whole TrainState saved as checkpoint ``step`` of ``workdir``, as numpy."""
+    import warnings
+
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as checkpointer, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sharding info not provided")  # one CPU device
+        state = checkpointer.restore(workdir / "checkpoints" / str(step) / "state")
+    return jax.tree.map(np.asarray, state)
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    directory = workdir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir()) if directory.exists() else []
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from _train_helpers import cache_dir, compilation_cache
+
+    with compilation_cache(cache_dir(tmp_path_factory)) as directory:
+        yield directory
+
+
+@pytest.fixture(scope="module")
+def stopped_and_resumed(cache, tmp_path_factory):
+    """The run sent SIGTERM after step 3 (checkpoints 2 and 3), then rerun to step 4."""
+    import os
+    import signal
+
+    from diffusion_jax import classifier_trainer
+
+    workdir = tmp_path_factory.mktemp("classifier")
+
+    def term(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = classifier_trainer.train_classifier(classifier_config(), workdir, hooks=[term])
+    after_stop = {
+        "checkpoints": checkpoint_steps(workdir),
+        "eval.json": (workdir / "eval.json").exists(),
+        "config.json": (workdir / "config.json").exists(),
+    }
+    steps_run = []
+    resumed = classifier_trainer.train_classifier(
+        classifier_config(), workdir, hooks=[steps_run.append]
+    )
+    return workdir, stopped, after_stop, steps_run, resumed
+
+
+def test_sigterm_saves_the_classifier_and_a_rerun_resumes(stopped_and_resumed):
+    workdir, stopped, after_stop, steps_run, resumed = stopped_and_resumed
+    assert stopped == {"step": 3, "accuracy": None}  # saved and returned; no evaluation
+    assert after_stop == {"checkpoints": [2, 3], "eval.json": False, "config.json": True}
+    assert steps_run == [4]  # from the SIGTERM checkpoint on
+    assert checkpoint_steps(workdir) == [2, 3, 4]
+    assert resumed["step"] == 4 and sorted(resumed["accuracy"]) == [0, 25, 50, 74, 99]
+    assert json.loads((workdir / "eval.json").read_text())["step"] == 4
+
+
+def test_classifier_ema_moves_once_per_optimizer_update(stopped_and_resumed):
+    """grad_accum_steps=2: step 3 is a micro-batch (parameters and EMA as at step 2), step 4 an
+    update, after which ema = 0.5 ema_2 + 0.5 params_4 (float64 recomputation). The old trainer
+    moved the EMA at every micro-batch."""
+    workdir = stopped_and_resumed[0]
+    s2, s3, s4 = (saved_state(workdir, step) for step in (2, 3, 4))
+    assert [int(s["step"]) for s in (s2, s3, s4)] == [2, 3, 4]
+    jax.tree.map(np.testing.assert_array_equal, s3["params"], s2["params"])
+    jax.tree.map(np.testing.assert_array_equal, s3["ema_params"], s2["ema_params"])
+    moved = jax.tree.leaves(
+        jax.tree.map(lambda a, b: np.abs(a - b).max(), s4["params"], s2["params"])
+    )
+    assert max(moved) > 1e-3  # the update at step 4 moved the parameters
+
+    def expected(ema, params):
+        return 0.5 * ema.astype(np.float64) + 0.5 * params.astype(np.float64)
+
+    want = jax.tree.map(expected, s2["ema_params"], s4["params"])
+    jax.tree.map(
+        lambda got, w: np.testing.assert_allclose(got, w, rtol=1e-6, atol=1e-7),
+        s4["ema_params"],
+        want,
+    )
+
+
+def test_classifier_refuses_an_incompatible_checkpoint_or_workdir(stopped_and_resumed, tmp_path):
+    """config.json deleted: the config saved in checkpoint 4 still refuses another network, before
+    anything is restored or written; a diffusion run's workdir is refused by kind."""
+    from diffusion_jax import checkpoints, classifier_trainer, config_utils
+
+    copy = tmp_path / "copy"
+    shutil.copytree(stopped_and_resumed[0], copy)
+    (copy / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"checkpoint 4 (.|\n)*incompatible config") as e:
+        classifier_trainer.train_classifier(
+            classifier_config(**{"classifier.num_res_blocks": 2}), copy
+        )
+    assert "classifier.num_res_blocks: 1 -> 2" in str(e.value)
+    assert checkpoint_steps(copy) == [2, 3, 4] and not (copy / "config.json").exists()
+    assert not (copy / "checkpoints.unreadable").exists()
+
+    from _train_helpers import tiny_config
+
+    diffusion = tmp_path / "diffusion"
+    diffusion.mkdir()
+    checkpoints.write_config(diffusion, config_utils.parse_config(tiny_config()))
+    with pytest.raises(ValueError, match="of a diffusion model, not of a noise-aware classifier"):
+        classifier_trainer.train_classifier(classifier_config(), diffusion)
+
+
+def poison_step(monkeypatch, step: int) -> None:
+    """Makes the images of training step ``step`` (1-based) all NaN."""
+    from diffusion_jax import data
+
+    real = data.make_train_iterator
+
+    def make(cfg, **kwargs):
+        it = real(cfg, **kwargs)
+        for i, batch in enumerate(it, start=1):
+            yield dict(batch, x=np.full_like(batch["x"], np.nan)) if i == step else batch
+
+    monkeypatch.setattr(data, "make_train_iterator", make)
+
+
+def test_classifier_nonfinite_loss_stops_before_any_save(cache, tmp_path, monkeypatch):
+    """on_nonfinite='stop': a NaN batch at step 1 stops the run at its first save (step 2) with no
+    checkpoint and no config.json written (the old trainer wrote config.json at start and checked
+    only at log steps, so it checkpointed the NaN state)."""
+    from diffusion_jax import classifier_trainer, trainer
+
+    poison_step(monkeypatch, 1)
+    with pytest.raises(trainer.NonFiniteLossError, match="at step 1.*no checkpoint was written"):
+        classifier_trainer.train_classifier(classifier_config(), tmp_path)
+    assert checkpoint_steps(tmp_path) == []
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_classifier_nonfinite_loss_is_skipped_and_counted(cache, tmp_path, monkeypatch, caplog):
+    from diffusion_jax import classifier_trainer
+
+    poison_step(monkeypatch, 3)
+    config = classifier_config(**{"train.on_nonfinite": "skip"})
+    with caplog.at_level(logging.INFO):
+        result = classifier_trainer.train_classifier(config, tmp_path)
+    assert result["step"] == 4 and all(np.isfinite(a) for a in result["accuracy"].values())
+    assert "step 4/4 | loss" in caplog.text and "1 non-finite steps skipped" in caplog.text
+    state = saved_state(tmp_path, 4)
+    assert (int(state["nonfinite_steps"]), int(state["first_nonfinite_step"])) == (1, 3)
+    leaves = jax.tree.leaves((state["params"], state["ema_params"], state["opt_state"]))
+    assert all(np.all(np.isfinite(a)) for a in leaves if np.issubdtype(a.dtype, np.floating))
