@@ -37,3 +37,47 @@ def worker_env(malloc_tunables: bool, xla_flags: bool) -> dict[str, str]:
     if xla_flags and cpu_xla_flags_hint("cpu"):  # a jaxlib it was measured on, not set by the user
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + CPU_XLA_FLAGS).strip()
     return env
+
+
+def time_train_step(config: Any, *, steps: int = 10, warmup: int = 2) -> dict[str, Any]:
+    """The training step of ``config`` (a ConfigDict from ``configs/``), exactly as ``train.py``
+    builds it (:func:`diffusion_jax.trainer.build_programs`) on this machine's devices, timed on
+    random data of the config's shape after ``warmup`` steps (the first compiles).
+
+    Returns ``step_seconds`` (median over ``steps`` steps), ``compile_seconds`` (the first step),
+    ``num_params`` and ``batch_size``."""
+    import time
+
+    import jax
+    import numpy as np
+
+    from diffusion_jax import config_utils, sharding, trainer
+
+    cfg = config_utils.parse_config(config)
+    mesh = sharding.make_mesh()
+    data_shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
+    programs = trainer.build_programs(cfg, mesh, data_shape)
+    state = jax.jit(
+        lambda: trainer.init_state(programs.model, cfg, data_shape, programs.tx),
+        out_shardings=programs.state_shardings,
+    )()
+    rng = np.random.default_rng(0)
+    n = cfg.train.batch_size
+    host = {"x": rng.uniform(-1, 1, (n, *data_shape)).astype(np.float32)}
+    if "label" in programs.batch_keys:
+        host["label"] = rng.integers(0, cfg.model.num_classes, (n,)).astype(np.int32)
+    batch = sharding.global_batch(host, mesh)
+    process = jax.device_put(programs.process, sharding.replicated(mesh))
+    times = []
+    for _ in range(warmup + steps):
+        t0 = time.perf_counter()
+        state, metrics = programs.train_step(state, batch, process)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    return {
+        "step_seconds": float(np.median(times[warmup:])),
+        "compile_seconds": times[0],
+        "num_params": num_params,
+        "batch_size": n,
+    }

@@ -5,6 +5,7 @@ training objectives at equal training cost, per number of network evaluations (N
     python -m benchmarks.quality --train_steps 300 --bpd_examples 32 --workdir /tmp/q300
     python -m benchmarks.quality --tiny --workdir /tmp/qtiny     # smoke test: configs/tiny.py, seconds
     python -m benchmarks.quality --objectives ddpm_eps,ddpm_v,flow,edm --workdir /tmp/qobj
+    python -m benchmarks.quality --variants ddpm_eps,dit --train_seconds 600 --workdir /tmp/qbb
 
 **One model** (the default): trains ``configs/digits.py`` (a class-conditional U-Net on the 8x8
 digits) for ``--train_steps`` batches (default: the config's) through
@@ -22,14 +23,17 @@ already holds that run), then evaluates the EMA weights of its last checkpoint:
 - bits/dim of the first ``--bpd_examples`` held-out digits (quantized to 8 bits) from all 1000
   terms of the bound, with ``fixed_large`` variance (given the true label, for a conditional model).
 
-**Objectives** (``--objectives``, a comma-separated subset of :data:`OBJECTIVES`): each one is a
-config with the same U-Net, data, optimiser and number of training steps (equal training cost),
-trained in its own ``<workdir>/<objective>`` (resumed, or skipped if done):
+**Variants** (``--variants``, alias ``--objectives``, a comma-separated subset of :data:`VARIANTS`):
+each one is a config with the same data and optimiser, trained for the same number of steps or,
+with ``--train_seconds``, for the same time (each variant's steps from its measured step time), in
+its own ``<workdir>/<variant>`` (resumed, or skipped if done). The objectives share the U-Net:
 
 - ``ddpm_eps``: ``configs/digits.py`` (discrete VP, T = 1000, eps prediction);
 - ``ddpm_v``: the same with ``diffusion.prediction = "v"``;
 - ``flow``: ``configs/digits_flow.py`` (rectified flow, velocity, logit-normal t);
-- ``edm``: ``configs/digits_edm.py`` (EDM preconditioning, log-normal sigma).
+- ``edm``: ``configs/digits_edm.py`` (EDM preconditioning, log-normal sigma);
+
+and ``dit`` is ``configs/digits_dit.py`` (``ddpm_eps`` with the DiT backbone).
 
 Each is evaluated at the NFE budgets ``--nfe`` (default 5, 10, 20, 50) with DPM-Solver++(2M) and
 with the config's own sampler (DDIM for the DDPM objectives, Euler for flow, Heun for EDM at
@@ -58,13 +62,17 @@ import time
 
 RUNS = [("ddpm", 1000)] + [(s, n) for s in ("ddim", "heun", "dpm_solver_2m") for n in (10, 25, 50)]
 
-# objective -> (configs module, diffusion keys changed after its get_config())
-OBJECTIVES = {
+# variant -> (configs module, keys changed after its get_config(), as "section.key": value). The
+# first four are training objectives with the same U-Net; "dit" is the same data and process with
+# the DiT backbone.
+VARIANTS = {
     "ddpm_eps": ("digits", {}),
-    "ddpm_v": ("digits", {"prediction": "v"}),
+    "ddpm_v": ("digits", {"diffusion.prediction": "v"}),
     "flow": ("digits_flow", {}),
     "edm": ("digits_edm", {}),
+    "dit": ("digits_dit", {}),
 }
+OBJECTIVES = VARIANTS  # the name of earlier tables' --objectives
 NFE_BUDGETS = (5, 10, 20, 50)
 
 
@@ -79,19 +87,21 @@ def steps_for_nfe(sampler: str, nfe: int) -> int:
 
 
 def objective_config(name: str, tiny: bool = False):
-    """The ml_collections config of objective ``name``; with ``tiny``, configs/tiny.py with the
-    objective's diffusion and sample settings (those in which its config differs from digits.py)."""
+    """The ml_collections config of variant ``name``; with ``tiny``, configs/tiny.py with the
+    variant's model (if it is another kind), diffusion and sample settings (those in which its
+    config differs from digits.py)."""
     import importlib
 
     from configs import digits
     from configs import tiny as tiny_config
 
-    if name not in OBJECTIVES:
-        raise SystemExit(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
-    module, diffusion = OBJECTIVES[name]
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    module, overrides = VARIANTS[name]
     config = importlib.import_module(f"configs.{module}").get_config()
-    for key, value in diffusion.items():
-        config.diffusion[key] = value
+    for key, value in overrides.items():
+        section, leaf = key.split(".")
+        config[section][leaf] = value
     if not tiny:
         return config
     base, small = digits.get_config(), tiny_config.get_config()
@@ -99,7 +109,22 @@ def objective_config(name: str, tiny: bool = False):
         for key, value in config[section].items():
             if value != base[section][key]:
                 small[section][key] = value
+    if config.model.name != base.model.name:
+        small.model = config.model
+    for key, value in overrides.items():  # e.g. a model switch on the tiny U-Net
+        section, leaf = key.split(".")
+        small[section][leaf] = value
     return small
+
+
+def equal_time_steps(config, seconds: float) -> tuple[int, float]:
+    """(training steps, seconds per step) for ``seconds`` of training of ``config`` on this
+    machine: its step timed on random data (:func:`benchmarks.common.time_train_step`; data
+    loading, logging and checkpoints are not counted)."""
+    from benchmarks.common import time_train_step
+
+    step_s = time_train_step(config, steps=5)["step_seconds"]
+    return max(1, int(seconds / step_s)), step_s
 
 
 def objective_runs(cfg, nfes: list[int]) -> list[tuple[str, int]]:
@@ -221,9 +246,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--objectives", default=None,
-        help=f"compare training objectives at equal cost: a comma-separated subset of "
-        f"{','.join(OBJECTIVES)} (each trained in <workdir>/<objective>); --runs is then unused",
+        "--variants", "--objectives", dest="objectives", default=None,
+        help=f"compare models or objectives at equal cost: a comma-separated subset of "
+        f"{','.join(VARIANTS)} (each trained in <workdir>/<variant>); --runs is then unused",
+    )  # fmt: skip
+    parser.add_argument(
+        "--train_seconds", type=float, default=None,
+        help="with --variants: equal training time instead of equal steps; each variant's steps "
+        "are this divided by its measured step time",
     )  # fmt: skip
     parser.add_argument(
         "--nfe", default=None, help=f"NFE budgets with --objectives (default {NFE_BUDGETS})"
@@ -340,15 +370,20 @@ def compare_objectives(args) -> dict:
     uncond_max = 100 if args.unconditional_max_nfe is None else args.unconditional_max_nfe
     configs = {name: objective_config(name, args.tiny) for name in names}
     trained = {}
+    steps = {name: args.train_steps for name in names}
+    if args.train_seconds:
+        for name in names:
+            steps[name], step_s = equal_time_steps(configs[name], args.train_seconds)
+            print(f"{name}: {1e3 * step_s:.1f} ms per step -> {steps[name]} steps", flush=True)
     for name in names:  # train everything first: a crash in evaluation leaves the runs reusable
         workdir = os.path.join(args.workdir, name)
-        step, call_s, train_s = train(configs[name], workdir, args.train_steps)
+        step, call_s, train_s = train(configs[name], workdir, steps[name])
         trained[name] = (workdir, step, train_s)
         print(f"{name}: step {step} in {workdir}; training {_seconds(train_s)}", flush=True)
 
     rows, results, bpds, uncond, floor, cfg = [], {}, {}, None, None, None
     header = (
-        "| objective | sampler | steps | NFE | FD cond. | FD / floor | FD uncond. | FD / floor "
+        "| variant | sampler | steps | NFE | FD cond. | FD / floor | FD uncond. | FD / floor "
         "| sampling s |"
     )
     print(header, flush=True)
@@ -395,7 +430,9 @@ def compare_objectives(args) -> dict:
 
     first = next(iter(next(iter(results.values())).values()))["conditional"]
     lines = [
-        f"digits, {cfg.train.num_steps} training steps of batch {cfg.train.batch_size} per objective "
+        f"digits, training steps of batch {cfg.train.batch_size} per variant: "
+        + ", ".join(f"{name} {trained[name][1]}" for name in names)
+        + " "
         f"(EMA), {first['num_samples']} samples vs the {first['reference_examples']} training "
         f"digits (conditional: uniform labels; unconditional: the null label, NFE <= {uncond_max}); "
         f"jax {jax.__version__} on {jax.devices()[0].platform}; training time: "

@@ -91,12 +91,21 @@ def _tpu_compile(tmp_path):
     assert "| tiny: train_step | v5e:2x2" in stdout
 
 
+def _step_time(tmp_path):
+    stdout = _run("step_time", "--tiny", "--json", str(tmp_path / "rows.json"))
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["config"] for r in rows] == ["tiny", "digits_dit"]
+    assert all(r["step_seconds"] > 0 and r["num_params"] > 0 for r in rows)
+    assert "| digits_dit | dit |" in stdout
+
+
 SMOKE = {  # module name in benchmarks/ -> its tiny-size run
     "unet_vs_diffusers": _unet_vs_diffusers,
     "sampler_compile": _sampler_compile,
     "input_pipeline": _input_pipeline,
     "quality": _quality,
     "tpu_compile": _tpu_compile,
+    "step_time": _step_time,
 }
 
 
