@@ -79,7 +79,8 @@ def write_run(
     state). ``ema_params`` (default: ``params``) is what sampling uses.
 
     For weights made elsewhere: converted ones (:mod:`diffusion_jax.convert`) or a reconstructed
-    EMA. The trees must have exactly the structure and shapes of ``config``'s model for
+    EMA. With ``ema.posthoc_sigma_rels`` set, the power-function EMAs start as ``ema_params``. The
+    trees must have exactly the structure and shapes of ``config``'s model for
     ``data_shape`` (one example, e.g. (H, W, C)); a mismatch raises ``ValueError`` naming it.
     """
     cfg = config if isinstance(config, Config) else config_utils.parse_config(config)
@@ -103,6 +104,9 @@ def write_run(
     ema = params if ema_params is None else jax.tree.map(jnp.asarray, ema_params)
     state = TrainState.create(params, tx, rng_streams(cfg.seed)["train"])
     state = state.replace(ema_params=ema, step=jnp.asarray(step, jnp.int32))
+    # The state train.py resumes: with post-hoc EMA on, its power-function EMAs start from the EMA.
+    state = with_posthoc_emas(state.replace(params=ema), len(cfg.ema.posthoc_sigma_rels))
+    state = state.replace(params=params)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
     manager = checkpoints.make_manager(workdir, keep=cfg.checkpoint.keep, async_save=False)

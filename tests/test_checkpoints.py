@@ -254,6 +254,20 @@ def test_write_run_makes_a_workdir_that_loads_and_names_a_wrong_tree(tmp_path, c
     chex.assert_trees_all_equal(loaded.params, ema)  # sampling reads the EMA parameters
     assert checkpoints.read_config(tmp_path / "run") == config.to_dict()
 
+    # With post-hoc EMA on, the workdir holds the state train.py resumes (its EMA profiles too).
+    posthoc = tiny_config()
+    posthoc.ema.posthoc_sigma_rels = (0.05, 0.1)
+    posthoc = config_utils.parse_config(posthoc)
+    trainer.write_run(tmp_path / "posthoc", posthoc, params, (8, 8, 1), step=7, ema_params=ema)
+    tx, _ = trainer.make_optimizer(posthoc.optim, posthoc.train.num_steps)
+    target = jax.eval_shape(lambda: trainer.init_state(model, posthoc, (8, 8, 1), tx))
+    manager = checkpoints.make_manager(tmp_path / "posthoc")
+    state, step = checkpoints.restore_latest(manager, abstract(target), None, posthoc)
+    manager.close()
+    assert step == 7 and len(state.posthoc_emas) == 2
+    chex.assert_trees_all_equal(state.params, params)
+    chex.assert_trees_all_equal(state.posthoc_emas[1], ema)
+
     wrong = {k: v for k, v in params.items() if k != "conv_in"}
     with pytest.raises(ValueError, match=r"missing \['conv_in'\]\['kernel'\]"):
         trainer.write_run(tmp_path / "other", config, wrong, (8, 8, 1))
