@@ -172,16 +172,23 @@ def apply_gradients(
     ``grad_accum_steps`` > 1 it moves the parameters once every that many batches, and so do the
     EMA (decay from :func:`ema_decay` of the update count) and the power-function EMAs of
     ``ema.posthoc_sigma_rels`` (``state`` a :class:`PosthocTrainState` then). A batch whose loss
-    or gradient norm is not finite changes nothing but ``step`` and the non-finite counters.
+    or gradient norm is not finite changes nothing but ``step`` and the non-finite counters; under
+    accumulation it is not counted as a micro-batch either (the EMAs follow the optimiser's own
+    update count, not ``step``).
     """
     accum = grad_accum_steps
     grad_norm = global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     step = state.step + 1
-    ema_params = update_ema(state.ema_params, params, ema_decay(ema, step // accum))
-    if accum > 1:  # the optimiser (and so the EMA) moves once every `accum` batches
-        ema_params = select_tree(step % accum == 0, ema_params, state.ema_params)
+    num_updates, moved = step // accum, True
+    if accum > 1:  # optax.MultiSteps moved the parameters iff its update count went up (a dropped
+        # batch is not counted, so this can fall out of phase with `step % accum`)
+        num_updates = opt_state.gradient_step
+        moved = num_updates > state.opt_state.gradient_step
+    ema_params = update_ema(state.ema_params, params, ema_decay(ema, num_updates))
+    if accum > 1:  # the EMA moves with the optimiser
+        ema_params = select_tree(moved, ema_params, state.ema_params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     params, ema_params, opt_state = select_tree(
         finite,
@@ -198,8 +205,9 @@ def apply_gradients(
         first_nonfinite_step=jnp.where(first_bad, step, state.first_nonfinite_step),
     )
     if ema.posthoc_sigma_rels:  # of the parameters kept: a dropped batch repeats them
-        moved = step % accum == 0 if accum > 1 else True
-        emas = update_posthoc_emas(state.posthoc_emas, params, ema, step // accum, moved)
+        if accum > 1:
+            moved = moved & finite
+        emas = update_posthoc_emas(state.posthoc_emas, params, ema, num_updates, moved)
         new_state = new_state.replace(posthoc_emas=emas)
     return new_state, grad_norm, finite
 

@@ -92,6 +92,37 @@ def test_gradient_accumulation_updates_params_and_ema_every_k_batches():
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(two.params))
 
 
+def test_a_dropped_micro_batch_keeps_the_ema_in_step_with_the_optimizer():
+    """k = 2 and batches g1, NaN, g2, g3: the NaN batch is dropped and not counted, so the update
+    (mean of g1 and g2) comes at the third batch, and the EMA moves there, once, with the decay of
+    update 1; the fourth batch only accumulates."""
+    from diffusion_jax.train_state import apply_gradients
+
+    cfg = OptimConfig(learning_rate=0.1, warmup_steps=0, grad_accum_steps=2)
+    ema_cfg = EmaConfig(decay=0.9, warmup=False)
+    tx, _ = make_optimizer(cfg, 100)
+    params = {"w": jnp.array([1.0, -2.0])}
+    state = TrainState.create(params, tx, jax.random.key(0))
+    step = jax.jit(lambda s, g: apply_gradients(s, jnp.sum(g["w"]), g, tx, ema_cfg, 2))
+    g1, g2, g3 = ({"w": jnp.array(v)} for v in ([1.0, 2.0], [3.0, -1.0], [0.5, 0.5]))
+    nan = {"w": jnp.array([jnp.nan, 1.0])}
+    state, _, ok1 = step(state, g1)
+    state, _, ok2 = step(state, nan)
+    assert bool(ok1) and not bool(ok2)
+    chex.assert_trees_all_equal(state.ema_params, params)
+    state, _, _ = step(state, g2)
+    # Adam's first update is lr * sign of the mean gradient (m / sqrt(v) with bias correction).
+    mean = (np.array([1.0, 2.0]) + np.array([3.0, -1.0])) / 2
+    moved = np.array([1.0, -2.0]) - 0.1 * mean / (np.abs(mean) + 1e-8)
+    np.testing.assert_allclose(state.params["w"], moved, rtol=1e-5)
+    np.testing.assert_allclose(
+        state.ema_params["w"], 0.9 * np.array([1.0, -2.0]) + 0.1 * moved, rtol=1e-6
+    )
+    after, _, _ = step(state, g3)  # accumulates only
+    chex.assert_trees_all_equal(after.params, state.params)
+    chex.assert_trees_all_equal(after.ema_params, state.ema_params)
+
+
 def test_step_randomness_is_fold_in_of_the_step():
     cfg = points_config()
     model = config_utils.build_model(cfg)
