@@ -129,6 +129,7 @@ def main(argv):
         columns=columns,
         metadata={
             "workdir": str(FLAGS.workdir),
+            "checkpoint_step": guided.step,
             "sampler": sampler,
             "num_steps": steps,
             "eta": s.eta,

@@ -40,6 +40,7 @@ class GuidedSampler(NamedTuple):
     num_classes: int | None
     null_label: int | None
     num_steps: int  # the sampler's number of levels
+    step: int  # the training step of the checkpoint whose EMA parameters these are
 
 
 _SCHEDULE_KEYS = ("process", "discrete", "schedule", "num_timesteps", "beta_start", "beta_end")
@@ -115,7 +116,9 @@ def make_guided_sampler(
     sample = config_utils.build_sampler(config, denoise_fn=denoise, cond_fn=cond_fn)
     null_label = model_classes if can_drop_labels else None
     num_steps = config_utils.sampler_num_steps(config)
-    return GuidedSampler(sample, params, config, data_shape, num_classes, null_label, num_steps)
+    return GuidedSampler(
+        sample, params, config, data_shape, num_classes, null_label, num_steps, run.step
+    )
 
 
 def _check_same_schedule(config, classifier_config, workdir, classifier_workdir) -> None:

@@ -269,6 +269,9 @@ def test_sample_py_writes_what_the_library_computes(digits_run, tmp_path, tmp_pa
     np.testing.assert_array_equal(labels, np.arange(12) % 10)
     info = json.loads((out / "dpm_solver_2m3_w2_seed4.json").read_text())
     assert info["guidance_scale"] == 2.0 and info["seed"] == 4 and info["num_steps"] == 3
+    from diffusion_jax import checkpoints
+
+    assert info["checkpoint_step"] == checkpoints.resolve_step(digits_run)
 
     guided = generate.make_guided_sampler(
         digits_run, sampler="dpm_solver_2m", num_steps=3, guidance_scale=2.0
