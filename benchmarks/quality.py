@@ -33,7 +33,8 @@ its own ``<workdir>/<variant>`` (resumed, or skipped if done). The objectives sh
 - ``flow``: ``configs/digits_flow.py`` (rectified flow, velocity, logit-normal t);
 - ``edm``: ``configs/digits_edm.py`` (EDM preconditioning, log-normal sigma);
 
-and ``dit`` is ``configs/digits_dit.py`` (``ddpm_eps`` with the DiT backbone).
+and ``dit`` is ``configs/digits_dit.py`` (``ddpm_eps`` with the DiT backbone); the ``_selfcond``
+variants turn on self-conditioning (``model.self_condition``).
 
 Each is evaluated at the NFE budgets ``--nfe`` (default 5, 10, 20, 50) with DPM-Solver++(2M) and
 with the config's own sampler (DDIM for the DDPM objectives, Euler for flow, Heun for EDM at
@@ -71,6 +72,8 @@ VARIANTS = {
     "flow": ("digits_flow", {}),
     "edm": ("digits_edm", {}),
     "dit": ("digits_dit", {}),
+    "ddpm_eps_selfcond": ("digits", {"model.self_condition": True}),
+    "dit_selfcond": ("digits_dit", {"model.self_condition": True}),
 }
 OBJECTIVES = VARIANTS  # the name of earlier tables' --objectives
 NFE_BUDGETS = (5, 10, 20, 50)

@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_classes = 10  # class-conditional; placeholder(int) (None) for unconditional
     config.model.dtype = "float32"  # compute dtype; "bfloat16" on TPU / recent GPUs
     config.model.remat = False  # recompute residual blocks on the backward pass (saves memory)
+    # config.model.self_condition = True  # feed the denoiser its previous x_0 estimate (Analog Bits)
 
     # Noise process and loss (configs/digits_flow.py and digits_edm.py show the other processes).
     config.diffusion = ml_collections.ConfigDict()

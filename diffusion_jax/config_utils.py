@@ -136,6 +136,11 @@ class ModelConfig:
     def learn_sigma(self) -> bool:
         return bool(self.kwargs.get("learn_sigma", False))
 
+    @property
+    def self_condition(self) -> bool:
+        """Whether the denoiser takes its previous x_0 estimate as input (Analog Bits)."""
+        return bool(self.kwargs.get("self_condition", False))
+
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
@@ -705,10 +710,17 @@ def init_params(
 
 
 def denoise_fn_for(model: nn.Module) -> Callable[..., jax.Array]:
-    """``denoise_fn(params, x_t, t, y=None)``: the model in inference mode, as samplers expect."""
+    """``denoise_fn(params, x_t, t, y=None, x_self_cond=None)``: the model in inference mode, as
+    samplers expect (``x_self_cond`` only for a ``self_condition`` model)."""
 
-    def denoise_fn(params: Any, x_t: jax.Array, t: jax.Array, y: jax.Array | None = None):
-        return model.apply({"params": params}, x_t, t, y, train=False)
+    def denoise_fn(
+        params: Any,
+        x_t: jax.Array,
+        t: jax.Array,
+        y: jax.Array | None = None,
+        x_self_cond: jax.Array | None = None,
+    ) -> jax.Array:
+        return model.apply({"params": params}, x_t, t, y, train=False, x_self_cond=x_self_cond)
 
     return denoise_fn
 
@@ -726,7 +738,8 @@ def build_sampler(
     ``overrides`` replace entries of ``config.sample`` (sampler, num_steps, spacing, eta,
     variance, ...); the reverse variance is :func:`sample_variance`'s. ``denoise_fn``
     (default: the model's) may wrap the model, e.g. for classifier-free guidance; ``cond_fn`` adds
-    classifier guidance (see :func:`dj.make_sampler`).
+    classifier guidance (see :func:`dj.make_sampler`). A ``model.self_condition`` model gets the
+    chain's previous x_0 estimate as ``x_self_cond``.
     """
     s = dataclasses.replace(config.sample, **overrides)
     variance = sample_variance(dataclasses.replace(config, sample=s))
@@ -738,5 +751,6 @@ def build_sampler(
         prediction=config.diffusion.prediction,
         variance=variance,
         cond_fn=cond_fn,
+        self_condition=config.model.self_condition,
         **s.sampler_kwargs(),
     )

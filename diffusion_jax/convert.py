@@ -382,6 +382,8 @@ def diffusers_from_config(config: config_utils.Config, data_shape: tuple[int, ..
         problems.append(f"diffusion.prediction={d.prediction!r}: needs eps, x0 or v")
     if not model.resamp_with_conv:
         problems.append("model.resamp_with_conv=False: diffusers resamples with convolutions")
+    if model.self_condition:
+        problems.append("model.self_condition=True: diffusers' pipelines do not self-condition")
     size, _, in_ch = data_shape
     levels = len(model.ch_mult)
     channels = [model.ch * m for m in model.ch_mult]

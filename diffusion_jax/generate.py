@@ -77,7 +77,7 @@ def make_guided_sampler(
         model_classes is None
     ):  # an unconditional model ignores the labels (they are the classifier's)
         unconditional = denoise
-        denoise = lambda p, x_t, t, y=None, **kw: unconditional(p, x_t, t)
+        denoise = lambda p, x_t, t, y=None, **kw: unconditional(p, x_t, t, **kw)  # x_self_cond
     if guidance_scale != 1.0:
         denoise = dj.classifier_free_guidance(denoise, null_label=model_classes)
     else:  # the labels go to the model as they are; guidance_scale is accepted and ignored

@@ -67,7 +67,7 @@ def _per_example_error(output: jax.Array, target: jax.Array, loss_type: str) -> 
 
 def diffusion_loss(
     process: Process | Schedule,
-    model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    model_fn: Callable[..., jax.Array],
     x0: jax.Array,
     rng: jax.Array,
     *,
@@ -79,6 +79,8 @@ def diffusion_loss(
     time_scale: float = 1.0,
     t: jax.Array | None = None,
     noise: jax.Array | None = None,
+    self_condition: bool = False,
+    clip_denoised: bool = True,
 ) -> jax.Array:
     """The denoising loss per example, [B], on any noise process (Ho et al. Algorithm 1 and successors).
 
@@ -92,6 +94,11 @@ def diffusion_loss(
     :class:`Schedule`) ``t`` is the int step [B], drawn uniformly from 0..T-1 (other samplings are
     snapped to the grid), and ``model_fn`` gets ``schedule.model_timesteps[t]``; elsewhere ``t`` is
     float [B] in the process's time and ``model_fn`` gets :meth:`Process.model_time`.
+
+    ``self_condition``: ``model_fn(x_in, model_t, x_self_cond=...)`` also gets an x_0 estimate,
+    [B, ...], as :func:`self_condition_input` draws it (Analog Bits self-conditioning; its x_0 is
+    clipped to [-1, 1] with ``clip_denoised``, as the sampler's is). Without it ``model_fn`` is
+    called with (x_in, model_t) only, exactly as before.
     """
     forward.check_objective(prediction)
     if loss_type not in LOSS_TYPES:
@@ -110,7 +117,18 @@ def diffusion_loss(
         schedule = process.schedule
         if prediction in forward.PREDICTIONS:  # the DDPM table path, exactly as it always was
             t, noise, x_t = noised_inputs(schedule, x0, rng, t, noise)
-            output = model_fn(x_t, schedule.model_timesteps[t])
+            model_t = schedule.model_timesteps[t]
+            kwargs = {}
+            if self_condition:
+
+                def to_x0(out):
+                    _check_output(out, x0)
+                    return forward.to_x0_and_eps(schedule, x_t, t, out, prediction)[0]
+
+                kwargs["x_self_cond"] = self_condition_input(
+                    model_fn, x_t, model_t, to_x0, rng, clip_denoised=clip_denoised
+                )
+            output = model_fn(x_t, model_t, **kwargs)
             _check_output(output, x0)
             target = forward.training_target(schedule, x0, t, noise, prediction)
             per_example = _per_example_error(output, target, loss_type)
@@ -138,7 +156,19 @@ def diffusion_loss(
         scale = forward.network_input_scale(
             alpha, sigma, prediction, process.kind, process.sigma_data
         )
-    output = model_fn(x_t if scale is None else x_t * scale, model_t)
+    x_in = x_t if scale is None else x_t * scale  # the self-conditioning input is not scaled
+    kwargs = {}
+    if self_condition:
+        sigma_data = process.sigma_data
+
+        def to_x0(out):
+            _check_output(out, x0)
+            return forward.x0_eps_from_output(out, x_t, alpha, sigma, prediction, sigma_data)[0]
+
+        kwargs["x_self_cond"] = self_condition_input(
+            model_fn, x_in, model_t, to_x0, rng, clip_denoised=clip_denoised
+        )
+    output = model_fn(x_in, model_t, **kwargs)
     _check_output(output, x0)
     target = forward.output_target(x0, noise, alpha, sigma, prediction, process.sigma_data)
     per_example = _per_example_error(output, target, loss_type)
@@ -151,6 +181,33 @@ def diffusion_loss(
             * mean_flat(jnp.broadcast_to(jnp.square(k), x0.shape))
         )
     return per_example
+
+
+def self_condition_input(
+    model_fn: Callable[..., jax.Array],
+    x_in: jax.Array,
+    model_t: jax.Array,
+    to_x0: Callable[[jax.Array], jax.Array],
+    rng: jax.Array,
+    *,
+    clip_denoised: bool = True,
+) -> jax.Array:
+    """The self-conditioning input of a training batch, [B, ...] like ``x_in`` (Chen, Zhang & Hinton
+    2022, "Analog Bits", Algorithm 1).
+
+    For a random half of the examples (each Bernoulli(1/2), drawn from ``fold_in(rng, 1)``) the x_0
+    estimate ``to_x0(model_fn(x_in, model_t, x_self_cond=0))`` of a first pass without
+    self-conditioning, under ``stop_gradient`` and clipped to [-1, 1] with ``clip_denoised``; zeros
+    for the others, so the network also learns the first sampling step, which has no estimate yet.
+    """
+    output = model_fn(x_in, model_t, x_self_cond=jnp.zeros_like(x_in))
+    x0_hat = to_x0(output).astype(jnp.float32)
+    if clip_denoised:
+        x0_hat = jnp.clip(x0_hat, -1.0, 1.0)
+    batch = x_in.shape[0]
+    use = jax.random.bernoulli(jax.random.fold_in(rng, 1), 0.5, (batch,))
+    use = use.reshape((batch,) + (1,) * (x_in.ndim - 1))
+    return jnp.where(use, jax.lax.stop_gradient(x0_hat), 0.0)
 
 
 def discrete_schedule(process: Process | Schedule, what: str) -> Schedule:
@@ -175,7 +232,7 @@ def _check_output(output: jax.Array, x0: jax.Array) -> None:
 
 def hybrid_loss(
     schedule: Schedule,
-    model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    model_fn: Callable[..., jax.Array],
     x0: jax.Array,
     rng: jax.Array,
     *,
@@ -183,6 +240,8 @@ def hybrid_loss(
     lambda_vlb: float = 1e-3,
     t: jax.Array | None = None,
     noise: jax.Array | None = None,
+    self_condition: bool = False,
+    clip_denoised: bool = True,
 ) -> jax.Array:
     """Improved-DDPM's L_hybrid = L_simple + lambda L_vlb per example, [B] (Nichol & Dhariwal sec. 3.1).
 
@@ -190,11 +249,23 @@ def hybrid_loss(
     the variance interpolation v (see :func:`sampling.p_mean_variance`, ``learned_range``) in the
     rest. L_vlb = T * L_t in bits per dimension (the t-th term of the bound, scaled to the sum over
     all T terms), computed with a stop-gradient on the mean so that it trains only the variance.
+    ``self_condition`` and ``clip_denoised`` as for :func:`diffusion_loss`.
     """
     schedule = discrete_schedule(schedule, "the hybrid loss (learned variance)")
     forward.check_prediction(prediction)
     t, noise, x_t = noised_inputs(schedule, x0, rng, t, noise)
-    output = model_fn(x_t, schedule.model_timesteps[t]).astype(jnp.float32)
+    model_t = schedule.model_timesteps[t]
+    kwargs = {}
+    if self_condition:
+
+        def to_x0(out):
+            mean_output = jnp.split(out.astype(jnp.float32), 2, axis=-1)[0]
+            return forward.to_x0_and_eps(schedule, x_t, t, mean_output, prediction)[0]
+
+        kwargs["x_self_cond"] = self_condition_input(
+            model_fn, x_t, model_t, to_x0, rng, clip_denoised=clip_denoised
+        )
+    output = model_fn(x_t, model_t, **kwargs).astype(jnp.float32)
     if output.shape != x0.shape[:-1] + (2 * x0.shape[-1],):
         raise ValueError(
             f"hybrid_loss needs a learned-variance model output of shape "

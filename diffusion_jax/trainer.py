@@ -147,11 +147,14 @@ def make_train_step(
     like the parameters, so the compiler reduce-scatters them (see :func:`sharding.fsdp_gather`).
 
     ``batch``: {"x": [B, ...] in [-1, 1], "label": int32 [B] (class-conditional models only)}.
+    With ``model.self_condition`` the loss self-conditions (:func:`dj.losses.self_condition_input`).
     ``metrics``: scalar ``loss`` (mean over the batch), ``grad_norm`` (global L2 norm before
     clipping), ``learning_rate`` and ``finite`` (False: the update was dropped).
     """
     diffusion, accum = config.diffusion, config.optim.grad_accum_steps
     num_classes = config.model.num_classes
+    # Self-conditioning's first-pass x_0 is clipped as the run's sampler clips its estimates.
+    self_condition, clip_denoised = config.model.self_condition, config.sample.clip_denoised
 
     def loss_fn(params, batch, rng, process):
         loss_rng, dropout_rng, label_rng = jax.random.split(rng, 3)
@@ -162,21 +165,26 @@ def make_train_step(
                 drop = jax.random.bernoulli(label_rng, diffusion.label_dropout, y.shape)
                 y = jnp.where(drop, num_classes, y)
 
-        def model_fn(x_t, t):
+        def model_fn(x_t, t, x_self_cond=None):
             variables = {"params": params}
-            return model.apply(variables, x_t, t, y, train=True, rngs={"dropout": dropout_rng})
+            return model.apply(
+                variables, x_t, t, y, train=True, x_self_cond=x_self_cond,
+                rngs={"dropout": dropout_rng},
+            )  # fmt: skip
 
         if diffusion.loss == "hybrid":
             per_example = dj.hybrid_loss(
                 process, model_fn, batch["x"], loss_rng,
                 prediction=diffusion.prediction, lambda_vlb=diffusion.lambda_vlb,
+                self_condition=self_condition, clip_denoised=clip_denoised,
             )  # fmt: skip
         else:
             per_example = dj.diffusion_loss(
                 process, model_fn, batch["x"], loss_rng, prediction=diffusion.prediction,
                 loss_type=diffusion.loss_type, min_snr_gamma=diffusion.min_snr_gamma,
                 time_sampling=diffusion.time_sampling, time_loc=diffusion.time_loc,
-                time_scale=diffusion.time_scale,
+                time_scale=diffusion.time_scale, self_condition=self_condition,
+                clip_denoised=clip_denoised,
             )  # fmt: skip
         return jnp.mean(per_example)
 

@@ -3,7 +3,9 @@
 noise-aware classifier for classifier guidance.
 
 All are called as ``model.apply(variables, x, t, y=None, train=False)`` with ``t`` [B] 0-based
-timesteps, return float32 and keep their parameters float32 whatever the compute dtype.
+timesteps, return float32 and keep their parameters float32 whatever the compute dtype. The
+denoisers built with ``self_condition=True`` also take ``x_self_cond=`` (the previous x_0
+estimate, shaped like x; Analog Bits self-conditioning).
 """
 
 from diffusion_jax.models.classifier import NoisyClassifier

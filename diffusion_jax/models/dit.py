@@ -38,6 +38,7 @@ from diffusion_jax.models.layers import (
     default_init,
     labels_or_null,
     timestep_embedding,
+    with_self_condition,
 )
 from diffusion_jax.ops import Dense
 
@@ -204,7 +205,9 @@ class DiT(nn.Module):
     (LayerNorm, softmax and the residual stream stay float32); parameters are ``param_dtype``.
     ``remat`` recomputes each block on the backward pass to save memory. The Dense layers come from
     ``diffusion_jax.ops``, whose platform picks their gradients; ``jax.grad`` and ``jax.jvp`` both
-    go through the net.
+    go through the net. ``self_condition`` (Analog Bits self-conditioning) patchifies the previous
+    x_0 estimate ``x_self_cond`` [B, H, W, C] (zeros when None) with x, so each token has p p 2C
+    values.
     """
 
     size: str | None = None
@@ -221,6 +224,7 @@ class DiT(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    self_condition: bool = False
 
     def dims(self) -> dict[str, int]:
         """``hidden_size``, ``depth``, ``num_heads``, ``patch_size``: the ``size`` preset's, with
@@ -263,9 +267,16 @@ class DiT(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: ArrayLike, t: ArrayLike, y: ArrayLike | None = None, *, train: bool = False
+        self,
+        x: ArrayLike,
+        t: ArrayLike,
+        y: ArrayLike | None = None,
+        *,
+        train: bool = False,
+        x_self_cond: ArrayLike | None = None,
     ) -> jax.Array:
-        """Predict from x [B, H, W, C] at timesteps t [B] (labels y [B]) -> float32 [B, H, W, out].
+        """Predict from x [B, H, W, C] at timesteps t [B] (labels y [B]; with ``self_condition``,
+        the x_0 estimate x_self_cond [B, H, W, C]) -> float32 [B, H, W, out].
 
         ``train`` is accepted for the shared denoiser signature; DiT has no dropout.
         """
@@ -285,7 +296,8 @@ class DiT(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         # Patch embedding (a stride-p conv as a Dense over each patch's values) + positions.
-        tokens = patchify(x.astype(self.dtype), p)
+        x_in = with_self_condition(x, x_self_cond, self.self_condition)
+        tokens = patchify(x_in.astype(self.dtype), p)
         tokens = Dense(dim, kernel_init=default_init(), name="x_embedder", **kw)(tokens)
         table = sincos_pos_embed(dim, height // p, width // p)
         if self.pos_embed == "learned":

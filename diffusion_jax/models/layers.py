@@ -98,3 +98,28 @@ def check_images(x: ArrayLike) -> jax.Array:
             "add a batch axis with x[None] or a channel axis with x[..., None]."
         )
     return x
+
+
+def with_self_condition(
+    x: jax.Array, x_self_cond: ArrayLike | None, self_condition: bool
+) -> jax.Array:
+    """The input of a self-conditioned network (Chen, Zhang & Hinton 2022, "Analog Bits", Alg. 1):
+    x [B, ..., C] -> [B, ..., 2C], the previous x_0 estimate ``x_self_cond`` (zeros when None)
+    concatenated on the last axis. A model without ``self_condition`` gets ``x`` back unchanged, and
+    a ValueError if given an estimate."""
+    if not self_condition:
+        if x_self_cond is not None:
+            raise ValueError(
+                "x_self_cond was given to a model built without self-conditioning; build it with "
+                "self_condition=True (config key model.self_condition) or pass x_self_cond=None."
+            )
+        return x
+    if x_self_cond is None:
+        return jnp.concatenate([x, jnp.zeros_like(x)], axis=-1)
+    x_self_cond = jnp.asarray(x_self_cond)
+    if x_self_cond.shape != x.shape:
+        raise ValueError(
+            f"x_self_cond must have the shape of x, {x.shape} (an x_0 estimate), got "
+            f"{x_self_cond.shape}."
+        )
+    return jnp.concatenate([x, x_self_cond.astype(x.dtype)], axis=-1)

@@ -16,7 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from diffusion_jax.models.layers import check_timesteps, labels_or_null, timestep_embedding
+from diffusion_jax.models.layers import (
+    check_timesteps,
+    labels_or_null,
+    timestep_embedding,
+    with_self_condition,
+)
 from diffusion_jax.ops import Dense
 
 Dtype = Any
@@ -42,7 +47,9 @@ class MLPDenoiser(nn.Module):
     embedding through a trained Dense-SiLU-Dense, as in the U-Net) or "none" (the output ignores t).
     ``fourier_features`` > 0 replaces raw x by that many fixed sin/cos frequencies per input dim,
     scaled by ``fourier_scale``. ``num_classes`` adds a label embedding; label ``num_classes`` is
-    the null class and ``y = None`` means it for every example.
+    the null class and ``y = None`` means it for every example. ``self_condition`` (Analog Bits
+    self-conditioning) appends the previous x_0 estimate ``x_self_cond`` [B, D] (zeros when None)
+    to x, before the Fourier features.
     """
 
     hidden: int = 128
@@ -55,6 +62,7 @@ class MLPDenoiser(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    self_condition: bool = False
 
     def _check_config(self) -> None:
         if self.time_embedding not in TIME_EMBEDDINGS:
@@ -78,9 +86,16 @@ class MLPDenoiser(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: ArrayLike, t: ArrayLike, y: ArrayLike | None = None, *, train: bool = False
+        self,
+        x: ArrayLike,
+        t: ArrayLike,
+        y: ArrayLike | None = None,
+        *,
+        train: bool = False,
+        x_self_cond: ArrayLike | None = None,
     ) -> jax.Array:
-        """Predict from points x [B, D] at timesteps t [B] (labels y [B]) -> float32 [B, D or 2D]."""
+        """Predict from points x [B, D] at timesteps t [B] (labels y [B]; with ``self_condition``,
+        the x_0 estimate x_self_cond [B, D]) -> float32 [B, D or 2D]."""
         self._check_config()
         x = jnp.asarray(x)
         if x.ndim != 2:
@@ -93,10 +108,11 @@ class MLPDenoiser(nn.Module):
         y = labels_or_null(y, batch, self.num_classes)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
+        x_in = with_self_condition(x, x_self_cond, self.self_condition)
         if self.fourier_features:
-            parts = [fourier_features(x, self.fourier_features, self.fourier_scale)]
+            parts = [fourier_features(x_in, self.fourier_features, self.fourier_scale)]
         else:
-            parts = [x.astype(jnp.float32)]
+            parts = [x_in.astype(jnp.float32)]
         if self.time_embedding != "none":
             temb = timestep_embedding(t, self.hidden)
             if self.time_embedding == "learned":

@@ -22,6 +22,7 @@ from diffusion_jax.models.layers import (
     default_init,
     labels_or_null,
     timestep_embedding,
+    with_self_condition,
 )
 from diffusion_jax.ops import Conv, Dense, GroupNorm
 
@@ -159,7 +160,9 @@ class UNet(nn.Module):
     ``dtype`` is the compute dtype (GroupNorm and softmax stay float32); the output is float32.
     ``remat`` recomputes each ResBlock on the backward pass to save memory. The layers come from
     ``diffusion_jax.ops``, whose platform picks their gradients; reverse and forward mode
-    (``jax.grad``, ``jax.jvp`` / ``jax.jacfwd``) both go through the net.
+    (``jax.grad``, ``jax.jvp`` / ``jax.jacfwd``) both go through the net. ``self_condition``
+    (Analog Bits self-conditioning) gives ``conv_in`` C more input channels, for the previous x_0
+    estimate ``x_self_cond`` [B, H, W, C] (zeros when None).
     """
 
     ch: int = 128
@@ -177,6 +180,7 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    self_condition: bool = False
 
     def _check_config(self) -> None:
         if self.ch <= 0 or self.ch % GROUPS:
@@ -221,12 +225,20 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: ArrayLike, t: ArrayLike, y: ArrayLike | None = None, *, train: bool = False
+        self,
+        x: ArrayLike,
+        t: ArrayLike,
+        y: ArrayLike | None = None,
+        *,
+        train: bool = False,
+        x_self_cond: ArrayLike | None = None,
     ) -> jax.Array:
-        """Predict from x [B, H, W, C] at timesteps t [B] (labels y [B]) -> float32 [B, H, W, out]."""
+        """Predict from x [B, H, W, C] at timesteps t [B] (labels y [B]; with ``self_condition``,
+        the x_0 estimate x_self_cond [B, H, W, C]) -> float32 [B, H, W, out]."""
         self._check_config()
         x = check_images(x)
         batch, height, width, in_ch = x.shape
+        x_in = with_self_condition(x, x_self_cond, self.self_condition).astype(self.dtype)
         num_levels = len(self.ch_mult)
         factor = 2 ** (num_levels - 1)
         if height % factor or width % factor:
@@ -271,7 +283,7 @@ class UNet(nn.Module):
             emb = emb + nn.Embed(self.num_classes + 1, emb_ch, name="label_emb", **kw)(y)
 
         # Down path: store every output for the skip connections.
-        h = Conv(ch, (3, 3), kernel_init=default_init(), name="conv_in", **kw)(x.astype(self.dtype))
+        h = Conv(ch, (3, 3), kernel_init=default_init(), name="conv_in", **kw)(x_in)
         skips = [h]
         for level, mult in enumerate(self.ch_mult):
             for i in range(self.num_res_blocks):

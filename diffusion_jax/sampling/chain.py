@@ -35,6 +35,22 @@ class Chain(NamedTuple):
     run: Callable[..., Any]  # run(params, rng, x_start, first, post_step=None, context=None, **kw)
     step: Callable[..., Any]  # step(params, x, i, key, aux, model_kwargs) -> (x_next, x0_hat, aux)
     solver: solvers.Solver
+    self_condition: bool = False
+
+    def initial_estimate(self, shape: tuple[int, ...]) -> jax.Array | tuple[()]:
+        """The x_0 estimate a self-conditioning chain carries into its first step: zeros [*shape]
+        (Analog Bits Algorithm 2); ``()``, nothing carried, for a chain without self-conditioning."""
+        return jnp.zeros(shape, jnp.float32) if self.self_condition else ()
+
+    def conditioned(self, model_kwargs: dict[str, Any], x0_hat: Any) -> dict[str, Any]:
+        """``model_kwargs`` for a step given the carried estimate ``x0_hat`` (see
+        :meth:`initial_estimate`): with ``x_self_cond=x0_hat`` when the chain self-conditions."""
+        return {**model_kwargs, "x_self_cond": x0_hat} if self.self_condition else model_kwargs
+
+    def estimate(self, x0_hat: jax.Array) -> jax.Array | tuple[()]:
+        """What the chain carries to the next step after a step's ``x0_hat`` (``()`` without
+        self-conditioning)."""
+        return x0_hat.astype(jnp.float32) if self.self_condition else ()
 
     @property
     def num_steps(self) -> int:
@@ -124,6 +140,7 @@ def make_chain(
     s_tmax: float = float("inf"),
     s_noise: float = 1.0,
     rho: float | None = None,
+    self_condition: bool = False,
 ) -> Chain:
     """Validates the options and builds the scan over the sampler's levels (see ``make_sampler``)."""
     if sampler not in solvers.SOLVERS:
@@ -202,7 +219,9 @@ def make_chain(
         return solvers.Prediction(output, x0, eps, model_t)
 
     flow_frame = process.kind == "flow"
-    ctx = solvers.StepContext(levels, predict, eta, variance, s_noise, churn, flow_frame, cond_fn)
+    ctx = solvers.StepContext(
+        levels, predict, eta, variance, s_noise, churn, flow_frame, cond_fn, self_condition
+    )
 
     def step(params, x, i, key, aux, model_kwargs):
         """One step x_i -> x_{i-1}: returns (x_{i-1}, x0_hat, aux)."""
@@ -213,9 +232,10 @@ def make_chain(
         shape = x_start.shape
 
         def body(carry, i):
-            x, aux, frames, preds = carry
+            x, aux, frames, preds, x0_prev = carry
             key = jax.random.fold_in(rng, i)
-            x_next, x0, aux = step(params, x, i, key, aux, model_kwargs)
+            kwargs = chain.conditioned(model_kwargs, x0_prev)
+            x_next, x0, aux = step(params, x, i, key, aux, kwargs)
             if post_step is not None:
                 x_next = post_step(x_next, i, jax.random.fold_in(key, 1), context)
             if slots is not None:
@@ -227,7 +247,7 @@ def make_chain(
                     buf,
                 )
                 frames, preds = record(frames, x), record(preds, x0)
-            return (x_next.astype(jnp.float32), aux, frames, preds), None
+            return (x_next.astype(jnp.float32), aux, frames, preds, chain.estimate(x0)), None
 
         aux = solvers.initial_history(sampler, shape)
         if slots is None:
@@ -235,11 +255,12 @@ def make_chain(
         else:
             frames = preds = jnp.zeros((len(trajectory_steps),) + shape, jnp.float32)
         indices = jnp.arange(first, -1, -1, dtype=jnp.int32)
-        carry = (x_start.astype(jnp.float32), aux, frames, preds)
-        (x0, _, frames, preds), _ = jax.lax.scan(body, carry, indices)
+        carry = (x_start.astype(jnp.float32), aux, frames, preds, chain.initial_estimate(shape))
+        (x0, _, frames, preds, _), _ = jax.lax.scan(body, carry, indices)
         return x0 if slots is None else (x0, frames, preds)
 
-    return Chain(process, levels, levels_np, run, step, solver)
+    chain = Chain(process, levels, levels_np, run, step, solver, self_condition)  # run's `chain`
+    return chain
 
 
 def check_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -268,6 +289,7 @@ def make_sampler(
     s_tmax: float = float("inf"),
     s_noise: float = 1.0,
     rho: float | None = None,
+    self_condition: bool = False,
 ) -> Callable[..., Any]:
     """Builds ``sample(params, rng, shape, **model_kwargs) -> x_0`` [*shape], a pure jittable function.
 
@@ -287,6 +309,11 @@ def make_sampler(
     gradient of log p(y | x_t) for classifier guidance (see :func:`classifier_guidance`).
     ``model_kwargs`` (labels ``y``, a ``guidance_scale``, ...) reach ``denoise_fn`` and ``cond_fn``.
 
+    ``self_condition`` (Chen, Zhang & Hinton 2022, "Analog Bits", Algorithm 2): every evaluation
+    also gets ``x_self_cond=``, the x0_hat of the step before (zeros at the first step; ``heun``'s
+    second evaluation gets its first one's), as a model kwarg, so ``denoise_fn`` and ``cond_fn``
+    must take it. Without it they are called exactly as before.
+
     With ``trajectory_steps`` (indices i of the sampler's steps, S-1 = first), ``sample`` returns
     ``(x_0, frames, x0_preds)``: ``frames[k]`` is x_i, the input of step ``trajectory_steps[k]``, and
     ``x0_preds[k]`` that step's predicted x_0; both [K, *shape].
@@ -295,7 +322,7 @@ def make_sampler(
         denoise_fn, process, sampler=sampler, num_steps=num_steps, spacing=spacing,
         prediction=prediction, variance=variance, clip_denoised=clip_denoised, eta=eta,
         cond_fn=cond_fn, trajectory_steps=trajectory_steps, s_churn=s_churn, s_tmin=s_tmin,
-        s_tmax=s_tmax, s_noise=s_noise, rho=rho,
+        s_tmax=s_tmax, s_noise=s_noise, rho=rho, self_condition=self_condition,
     )  # fmt: skip
     last = chain.num_steps - 1
     prior_std = chain.prior_std

@@ -97,20 +97,24 @@ def make_inpainter(
             )
 
         # RePaint: each step i > 0 runs `resample` times; between repeats x_{i-1} goes back up to x_i.
-        # The last step (i = 0) lands on the clean image and runs once.
-        def body(x, i):
+        # The last step (i = 0) lands on the clean image and runs once. A self-conditioning chain
+        # carries the latest x0_hat through the repeats.
+        def body(carry, i):
             repeats = jnp.where(i > 0, resample, 1)
 
-            def repeat(r, x):
+            def repeat(r, carry):
+                x, x0_prev = carry
                 key = jax.random.fold_in(jax.random.fold_in(loop_rng, i), r)
-                x_prev, _, _ = chain.step(params, x, i, key, (), model_kwargs)
+                kwargs = chain.conditioned(model_kwargs, x0_prev)
+                x_prev, x0, _ = chain.step(params, x, i, key, (), kwargs)
                 x_prev = replace_known(x_prev, i, jax.random.fold_in(key, 1), (images, mask))
                 up = chain.renoised(x_prev, i, jax.random.fold_in(key, 2))
-                return jnp.where(r < repeats - 1, up, x_prev)
+                return jnp.where(r < repeats - 1, up, x_prev), chain.estimate(x0)
 
-            return jax.lax.fori_loop(0, repeats, repeat, x), None
+            return jax.lax.fori_loop(0, repeats, repeat, carry), None
 
-        x0, _ = jax.lax.scan(body, x_init, jnp.arange(last, -1, -1, dtype=jnp.int32))
+        carry = (x_init, chain.initial_estimate(images.shape))
+        (x0, _), _ = jax.lax.scan(body, carry, jnp.arange(last, -1, -1, dtype=jnp.int32))
         return x0
 
     return inpaint

@@ -22,7 +22,8 @@ def classifier_free_guidance(denoise_fn: DenoiseFn, null_label: int) -> DenoiseF
     uncond + guidance_scale * (cond - uncond), with both evaluations batched into one call of
     ``denoise_fn(params, x, t, y=..., **kw)`` (``null_label`` is the "no class" label). Scale 0 is the
     unconditional model, 1 the conditional one. A learned-variance channel half is taken from the
-    conditional evaluation unguided.
+    conditional evaluation unguided. A self-conditioning sampler's ``x_self_cond`` (shaped like
+    ``x_t``) is given to both evaluations.
     """
 
     def guided(params, x_t, t, *, y, guidance_scale=1.0, **kwargs):
@@ -30,6 +31,8 @@ def classifier_free_guidance(denoise_fn: DenoiseFn, null_label: int) -> DenoiseF
         mix = lambda cond, uncond: (1.0 - guidance_scale) * uncond + guidance_scale * cond
         batch = x_t.shape[0]
         y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (batch,))
+        if kwargs.get("x_self_cond") is not None:
+            kwargs["x_self_cond"] = jnp.concatenate([kwargs["x_self_cond"]] * 2)
         both = denoise_fn(
             params,
             jnp.concatenate([x_t, x_t]),

@@ -43,6 +43,7 @@ class StepContext(NamedTuple):
     churn: bool
     flow_frame: bool  # heun integrates in x and t (the flow process) rather than y and s
     cond_fn: Callable[..., jax.Array] | None
+    self_condition: bool = False  # model_kwargs carry x_self_cond, the latest x_0 estimate
 
 
 def _noise(key: jax.Array, x: jax.Array) -> jax.Array:
@@ -113,6 +114,8 @@ def heun(ctx: StepContext, params, x, i, key, aux, model_kwargs):
         x = jnp.where(lv.gamma[i] > 0, churned, x)  # alpha = 0 levels never churn
         level = (a_hat, s_hat, lv.model_t_hat[i])
     pred = ctx.predict(params, x, level, model_kwargs)
+    if ctx.self_condition:  # the second evaluation is conditioned on the first one's x0_hat
+        model_kwargs = {**model_kwargs, "x_self_cond": pred.x0}
     if ctx.flow_frame:  # x and t: on the flow process t = sigma
         dt = sigma_next - s_hat
         x_euler = x + dt * (pred.eps - pred.x0)
