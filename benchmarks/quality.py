@@ -130,11 +130,11 @@ def equal_time_steps(config, seconds: float) -> tuple[int, float]:
     return max(1, int(seconds / step_s)), step_s
 
 
-def objective_runs(cfg, nfes: list[int]) -> list[tuple[str, int]]:
-    """(sampler, steps) of one objective: dpm_solver_2m and the config's own sampler at each NFE
-    budget, and the T-step ancestral chain on the discrete VP process."""
+def objective_runs(cfg, nfes: list[int], ancestral: bool = True) -> list[tuple[str, int]]:
+    """(sampler, steps) of one variant: dpm_solver_2m and the config's own sampler at each NFE
+    budget, and (``ancestral``) the T-step ancestral chain on the discrete VP process."""
     runs = []
-    if cfg.diffusion.process == "vp" and cfg.diffusion.discrete:
+    if ancestral and cfg.diffusion.process == "vp" and cfg.diffusion.discrete:
         runs.append(("ddpm", cfg.diffusion.num_timesteps))
     for nfe in nfes:
         for sampler in dict.fromkeys(("dpm_solver_2m", cfg.sample.sampler)):
@@ -253,6 +253,11 @@ def main(argv: list[str] | None = None) -> dict:
         help=f"compare models or objectives at equal cost: a comma-separated subset of "
         f"{','.join(VARIANTS)} (each trained in <workdir>/<variant>); --runs is then unused",
     )  # fmt: skip
+    parser.add_argument(
+        "--no_ancestral",
+        action="store_true",
+        help="with --variants: skip the T-step ancestral chain (the costliest row)",
+    )
     parser.add_argument(
         "--train_seconds", type=float, default=None,
         help="with --variants: equal training time instead of equal steps; each variant's steps "
@@ -396,7 +401,7 @@ def compare_objectives(args) -> dict:
         data_shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
         can_uncond = cfg.model.num_classes is not None and cfg.diffusion.label_dropout > 0
         results[name] = {}
-        for sampler, steps in objective_runs(cfg, nfes):
+        for sampler, steps in objective_runs(cfg, nfes, not args.no_ancestral):
             nfe = network_evaluations(sampler, steps)
             n = args.num_samples or None
             batch = args.batch_size or n or 10_000  # evaluate_params takes min(batch, n)
