@@ -44,7 +44,9 @@ def time_train_step(config: Any, *, steps: int = 10, warmup: int = 2) -> dict[st
     builds it (:func:`diffusion_jax.trainer.build_programs`) on this machine's devices, timed on
     random data of the config's shape after ``warmup`` steps (the first compiles).
 
-    Returns ``step_seconds`` (median over ``steps`` steps), ``compile_seconds`` (the first step),
+    Returns ``step_seconds`` (median over ``steps`` steps), ``step_cpu_seconds`` (this process's
+    CPU time per step, all threads: steadier than wall time on a shared machine),
+    ``compile_seconds`` (the first step),
     ``num_params`` and ``batch_size``."""
     import time
 
@@ -68,15 +70,18 @@ def time_train_step(config: Any, *, steps: int = 10, warmup: int = 2) -> dict[st
         host["label"] = rng.integers(0, cfg.model.num_classes, (n,)).astype(np.int32)
     batch = sharding.global_batch(host, mesh)
     process = jax.device_put(programs.process, sharding.replicated(mesh))
-    times = []
-    for _ in range(warmup + steps):
-        t0 = time.perf_counter()
+    times, cpu = [], 0.0
+    for i in range(warmup + steps):
+        t0, c0 = time.perf_counter(), time.process_time()
         state, metrics = programs.train_step(state, batch, process)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
+        if i >= warmup:
+            cpu += time.process_time() - c0
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
     return {
         "step_seconds": float(np.median(times[warmup:])),
+        "step_cpu_seconds": cpu / steps,
         "compile_seconds": times[0],
         "num_params": num_params,
         "batch_size": n,

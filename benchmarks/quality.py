@@ -25,7 +25,8 @@ already holds that run), then evaluates the EMA weights of its last checkpoint:
 
 **Variants** (``--variants``, alias ``--objectives``, a comma-separated subset of :data:`VARIANTS`):
 each one is a config with the same data and optimiser, trained for the same number of steps or,
-with ``--train_seconds``, for the same time (each variant's steps from its measured step time), in
+with ``--train_seconds``, for the same CPU time (each variant's steps from its measured CPU seconds
+per step, all threads: steadier than wall time on a shared machine), in
 its own ``<workdir>/<variant>`` (resumed, or skipped if done). The objectives share the U-Net:
 
 - ``ddpm_eps``: ``configs/digits.py`` (discrete VP, T = 1000, eps prediction);
@@ -120,14 +121,15 @@ def objective_config(name: str, tiny: bool = False):
     return small
 
 
-def equal_time_steps(config, seconds: float) -> tuple[int, float]:
-    """(training steps, seconds per step) for ``seconds`` of training of ``config`` on this
-    machine: its step timed on random data (:func:`benchmarks.common.time_train_step`; data
-    loading, logging and checkpoints are not counted)."""
+def equal_time_steps(config, cpu_seconds: float) -> tuple[int, float]:
+    """(training steps, CPU seconds per step) for ``cpu_seconds`` of training of ``config`` on this
+    machine: its step's CPU time (all threads) on random data (:func:`benchmarks.common.time_train_step`;
+    data loading, logging and checkpoints are not counted). CPU time rather than wall time, so
+    that other jobs on a shared machine do not skew the comparison."""
     from benchmarks.common import time_train_step
 
-    step_s = time_train_step(config, steps=5)["step_seconds"]
-    return max(1, int(seconds / step_s)), step_s
+    step_s = time_train_step(config, steps=10)["step_cpu_seconds"]
+    return max(1, int(cpu_seconds / step_s)), step_s
 
 
 def objective_runs(cfg, nfes: list[int], ancestral: bool = True) -> list[tuple[str, int]]:
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--train_seconds", type=float, default=None,
         help="with --variants: equal training time instead of equal steps; each variant's steps "
-        "are this divided by its measured step time",
+        "are this divided by its measured CPU seconds per step (all threads)",
     )  # fmt: skip
     parser.add_argument(
         "--nfe", default=None, help=f"NFE budgets with --objectives (default {NFE_BUDGETS})"
@@ -382,7 +384,7 @@ def compare_objectives(args) -> dict:
     if args.train_seconds:
         for name in names:
             steps[name], step_s = equal_time_steps(configs[name], args.train_seconds)
-            print(f"{name}: {1e3 * step_s:.1f} ms per step -> {steps[name]} steps", flush=True)
+            print(f"{name}: {1e3 * step_s:.1f} CPU ms per step -> {steps[name]} steps", flush=True)
     for name in names:  # train everything first: a crash in evaluation leaves the runs reusable
         workdir = os.path.join(args.workdir, name)
         step, call_s, train_s = train(configs[name], workdir, steps[name])
