@@ -1,12 +1,18 @@
 r"""Train a DDPM: ``python train.py --config configs/digits.py --workdir /tmp/diffusion_digits``.
 
+The config's kind picks the trainer (:func:`diffusion_jax.trainers.train`): a diffusion model (on
+the data, or with a ``latent`` section on an autoencoder's latents, e.g.
+``configs/digits_latent.py``), the KL autoencoder of latent diffusion (an ``autoencoder``
+section, e.g. ``configs/digits_autoencoder.py``) or a noise-aware classifier (a ``classifier``
+section).
+
 Override config entries with ``--config.train.num_steps=500`` etc. The same command runs on a CPU,
 a GPU, a TPU VM and every host of a multi-host slice (``jax.distributed`` starts by itself on
 Cloud TPU and under Slurm; elsewhere pass ``--coordinator_address``, ``--num_processes`` and
-``--process_id``); all the work is in :func:`diffusion_jax.trainer.train_and_evaluate`. The
-workdir may be a bucket (``gs://bucket/run``). ``--xla_dump_to DIR`` writes the compiled XLA
-programs (HLO) to a local folder; ``--config.profile.num_steps=5`` traces five steps for
-TensorBoard's profile plugin.
+``--process_id``); all the work is in the trainer (for a diffusion model
+:func:`diffusion_jax.trainer.train_and_evaluate`). The workdir may be a bucket (``gs://bucket/run``). ``--xla_dump_to DIR`` writes the compiled XLA
+programs (HLO) to a local folder; ``--config.profile.num_steps=5`` traces five steps of a diffusion
+run for TensorBoard's profile plugin.
 """
 
 import os
@@ -45,13 +51,13 @@ def main(argv):
     sharding.initialize_distributed(  # before any other JAX call
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
-    from diffusion_jax import env, trainer
+    from diffusion_jax import env, trainers
 
     for hint in (env.cpu_malloc_hint(), env.cpu_xla_flags_hint()):
         if hint:
             logging.warning("%s.", hint)
     logging.info("Config:\n%s", FLAGS.config)
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    trainers.train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from diffusion_jax import config_utils
+from diffusion_jax import config_utils, latent
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -616,16 +616,14 @@ def check_compatible(
 ) -> None:
     """Raises ``ValueError`` listing the keys that define the run in which ``config`` differs from
     ``saved`` (the config recorded in ``record``, described by ``holder``), and what to do.
-    ``config`` may also be a classifier's (:mod:`diffusion_jax.classifier_trainer`); a run of the
-    other kind is refused."""
+    ``config`` may also be a classifier's or an autoencoder's (:mod:`diffusion_jax.classifier_trainer`,
+    :mod:`diffusion_jax.autoencoder_trainer`); a run of another kind (:func:`config_utils.describe_run`:
+    a latent diffusion model is not a diffusion model of the data) is refused."""
     current = config.to_dict()
-    kinds = [
-        "noise-aware classifier (train_classifier.py)" if "classifier" in c else "diffusion model"
-        for c in (saved, current)
-    ]
+    kinds = [config_utils.describe_run(c) for c in (saved, current)]
     if kinds[0] != kinds[1]:
         raise ValueError(
-            f"{holder} of a {kinds[0]}, not of a {kinds[1]}: give each its own --workdir (the "
+            f"{holder} of {kinds[0]}, not of {kinds[1]}: give each its own --workdir (the "
             f"saved config is {record})."
         )
     changes = config_utils.incompatible_changes(saved, current)
@@ -735,7 +733,9 @@ def load_ema_params(
 
 class LoadedSampler(NamedTuple):
     """A trained run ready to sample: ``sample(params, rng, (n, *data_shape), **model_kwargs)``.
-    ``step``: the checkpoint the parameters came from."""
+    ``step``: the checkpoint the parameters came from. For a latent diffusion run ``params`` is
+    {"diffusion": ..., "autoencoder": ...}, ``data_shape`` the images' and ``sample`` returns
+    decoded images (:func:`latent.make_latent_sampler`)."""
 
     sample: Callable[..., Any]
     params: Any
@@ -786,6 +786,11 @@ def restore_ema_params(step_dir: epath.Path, init_fn: Callable[[], Any]) -> Any:
 
 
 def _load(workdir: epath.PathLike, step: int | None):
+    """(EMA params, config, shape of one sample, step); a latent run's params come with its
+    autoencoder's, {"diffusion": ..., "autoencoder": ...}, and its samples have the images' shape."""
+
+    _check_kind(workdir, read_config(workdir), "diffusion", "there is nothing to sample")
+
     def read(step_dir: epath.Path, run: dict[str, Any]):
         config = config_utils.parse_config(run["config"])
         data_shape = tuple(run["data_shape"])
@@ -796,4 +801,104 @@ def _load(workdir: epath.PathLike, step: int | None):
         return params, config, data_shape
 
     (params, config, data_shape), step = read_newest(workdir, step, read)
+    if config.latent is not None:
+        autoencoder = load_autoencoder(
+            config.latent.autoencoder_workdir, config.latent.autoencoder_step
+        )
+        if autoencoder.kwargs != config.latent.autoencoder:
+            raise ValueError(
+                f"the autoencoder in {config.latent.autoencoder_workdir} (step "
+                f"{autoencoder.step}) is not the one the latent run in {workdir} was trained on: "
+                f"its network is {autoencoder.kwargs}, the run recorded {config.latent.autoencoder}."
+            )
+        params = {"diffusion": params, "autoencoder": autoencoder.params}
+        data_shape = autoencoder.image_shape
     return params, config, data_shape, step
+
+
+def _check_kind(
+    workdir: epath.PathLike, saved: dict[str, Any] | None, kind: str, context: str
+) -> None:
+    """Raises a ValueError naming what ``workdir`` holds if its ``config.json`` (``saved``; None:
+    not checked) is of another kind of run than ``kind`` (:func:`config_utils.run_kind`)."""
+    if saved is None or config_utils.run_kind(saved) == kind:
+        return
+    holds = config_utils.RUN_KINDS[config_utils.run_kind(saved)]
+    raise ValueError(f"{workdir} holds {holds}, not {config_utils.RUN_KINDS[kind]} ({context}).")
+
+
+class LoadedAutoencoder(NamedTuple):
+    """An autoencoder run's EMA ``params``, its network's keyword arguments ``kwargs``
+    (:func:`config_utils.build_autoencoder`), the ``image_shape`` it was trained on (H, W, C), its
+    ``step`` and its ``stats`` (:data:`latent.LATENT_STATS_FILE`, or None if not yet measured)."""
+
+    params: Any
+    kwargs: dict[str, Any]
+    image_shape: tuple[int, ...]
+    step: int
+    stats: dict[str, Any] | None
+
+
+def load_autoencoder(workdir: epath.PathLike | None, step: int | None = None) -> LoadedAutoencoder:
+    """The autoencoder of an autoencoder workdir (``train.py`` with an autoencoder config) at
+    checkpoint ``step`` (None: the newest readable one); a FileNotFoundError that says how to make
+    one if ``workdir`` holds no checkpoints, a ValueError if it holds another kind of run."""
+    if workdir is None or not (epath.Path(workdir) / CHECKPOINT_DIR).exists():
+        raise FileNotFoundError(
+            f"latent.autoencoder_workdir={workdir} holds no trained autoencoder (no "
+            f"{CHECKPOINT_DIR}/ there): train one first, e.g. python train.py --config "
+            f"configs/digits_autoencoder.py --workdir {workdir or '/tmp/digits_autoencoder'}"
+        )
+
+    _check_kind(workdir, read_config(workdir), "autoencoder", "latent.autoencoder_workdir")
+
+    def read(step_dir: epath.Path, run: dict[str, Any]):
+        kwargs = config_utils.autoencoder_module_kwargs(run["config"]["autoencoder"])
+        image_shape = tuple(run["data_shape"])
+        model = config_utils.build_autoencoder(kwargs)
+        x = np.zeros((1, *image_shape), np.float32)
+        params = restore_ema_params(step_dir, lambda: model.init(jax.random.key(0), x)["params"])
+        return params, kwargs, image_shape
+
+    (params, kwargs, image_shape), step = read_newest(workdir, step, read)
+    return LoadedAutoencoder(params, kwargs, image_shape, step, latent.read_latent_stats(workdir))
+
+
+def resolve_latent(
+    config: config_utils.Config,
+) -> tuple[config_utils.Config, LoadedAutoencoder | None]:
+    """(``config`` with its ``latent`` section completed from the autoencoder workdir, the
+    autoencoder): the checkpoint step (the newest readable one unless given), the scale factor
+    (unless given: the one measured at that step, from :data:`latent.LATENT_STATS_FILE`) and the
+    network. A config without a latent section comes back as it is, with None. Raises with what
+    to do when the workdir has no autoencoder, or no statistics for that step."""
+    lat = config.latent
+    if lat is None:
+        return config, None
+    found = load_autoencoder(lat.autoencoder_workdir, lat.autoencoder_step)
+    scale = lat.scale_factor
+    if scale is None:
+        stats = found.stats
+        stats_file = epath.Path(lat.autoencoder_workdir) / latent.LATENT_STATS_FILE
+        if stats is None:
+            raise FileNotFoundError(
+                f"{stats_file} does not exist: the autoencoder trainer writes it (the latents' "
+                "scale factor) when its training ends. Finish that run (rerun train.py on its "
+                "workdir), or set latent.scale_factor yourself."
+            )
+        if stats["step"] != found.step:
+            raise ValueError(
+                f"{stats_file} was measured at step {stats['step']}, but the autoencoder's "
+                f"checkpoint is step {found.step}: set latent.autoencoder_step={stats['step']}, "
+                "or latent.scale_factor yourself."
+            )
+        scale = float(stats["scale_factor"])
+    if lat.autoencoder and lat.autoencoder != found.kwargs:
+        raise ValueError(
+            f"latent.autoencoder={dict(lat.autoencoder)} is not the network in "
+            f"{lat.autoencoder_workdir} ({found.kwargs}); leave the key out, the trainer fills it in."
+        )
+    resolved = dataclasses.replace(
+        lat, autoencoder_step=found.step, scale_factor=scale, autoencoder=found.kwargs
+    )
+    return dataclasses.replace(config, latent=resolved), found

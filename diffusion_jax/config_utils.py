@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 import diffusion_jax as dj
-from diffusion_jax.models import DiT, MLPDenoiser, UNet
+from diffusion_jax import latent as latent_lib
+from diffusion_jax.models import AutoencoderKL, DiT, MLPDenoiser, UNet
 
 MODELS: dict[str, type[nn.Module]] = {"unet": UNet, "dit": DiT, "mlp": MLPDenoiser}
 # No float16: training has no loss scaling, so small float16 gradients would flush to zero;
@@ -35,13 +36,17 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # covers its whole section). They fix the state's arrays (model, optimiser), what the loss means
 # (diffusion), the examples and their order (data; train.batch_size, as the data position counts
 # batches) and the random streams (seed); the post-hoc EMA profiles are arrays of the state, each
-# averaged since step 1; a classifier run's network is its "classifier" section. Everything else
-# may change between runs: how long (train.num_steps), the learning rate and its schedule, EMA,
-# logging, checkpoints, samples, sharding.
+# averaged since step 1; a classifier run's network is its "classifier" section, an autoencoder
+# run's network and loss its "autoencoder" section; a latent diffusion run's data are the latents
+# of the autoencoder (checkpoint, scale factor, network) its "latent" section records. Everything
+# else may change between runs: how long (train.num_steps), the learning rate and its schedule,
+# EMA, logging, checkpoints, samples, sharding.
 RUN_DEFINING_KEYS = (
     "seed",
     "model",
     "classifier",
+    "autoencoder",
+    "latent",
     "diffusion",
     "data",
     "train.batch_size",
@@ -60,6 +65,9 @@ ADJUSTABLE_DATA_KEYS = (
     "data.num_threads",
     "data.prefetch_batches",
 )
+# Other keys inside run-defining sections that say only where things are: the autoencoder's
+# checkpoint is fixed by latent.autoencoder_step and checked against latent.autoencoder.
+ADJUSTABLE_KEYS = (*ADJUSTABLE_DATA_KEYS, "latent.autoencoder_workdir")
 # Keys of which only a property defines the run: clipping on or off changes the optimiser state's
 # structure, a new clipping threshold does not.
 _RUN_DEFINING_PROPERTIES: dict[str, Callable[[Any], Any]] = {
@@ -404,6 +412,58 @@ class ProfileConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LatentConfig:
+    """Latent diffusion (Rombach et al. 2022): the model learns the latents of the frozen
+    :class:`AutoencoderKL` trained in ``autoencoder_workdir`` (``train.py`` with an autoencoder
+    config) instead of the images.
+
+    Each training batch is encoded inside the step with the autoencoder's EMA parameters to a
+    posterior sample z = scale_factor * (mean + exp(logvar / 2) * eps), as LDM does; samples are
+    decoded back to images. ``autoencoder_step``: its checkpoint (None: the newest);
+    ``scale_factor``: None takes 1/std of its latents from ``<autoencoder_workdir>/latent_stats.json``
+    (:data:`latent.LATENT_STATS_FILE`). The trainer fills both in, and ``autoencoder`` (the
+    autoencoder's network, which the user does not set), before the run starts, so that the run's
+    ``config.json`` says exactly which latents it learned and samplers decode with the same.
+    """
+
+    autoencoder_workdir: str | None = None
+    autoencoder_step: int | None = None
+    scale_factor: float | None = None
+    autoencoder: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        _at_least("latent.autoencoder_step", self.autoencoder_step, 0, allow_none=True)
+        if self.scale_factor is not None and not self.scale_factor > 0:
+            raise ConfigError(f"latent.scale_factor={self.scale_factor!r} must be > 0 or None.")
+        object.__setattr__(
+            self, "autoencoder", autoencoder_module_kwargs(self.autoencoder, "latent.autoencoder")
+        )
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the trainer has recorded the autoencoder's step, scale factor and network."""
+        return (
+            self.autoencoder_step is not None
+            and self.scale_factor is not None
+            and bool(self.autoencoder)
+        )
+
+
+def autoencoder_module_kwargs(
+    section: Mapping[str, Any], path: str = "autoencoder"
+) -> dict[str, Any]:
+    """The :class:`AutoencoderKL` keyword arguments of an autoencoder config section (its keys
+    other than ``loss``), checked as :func:`check_module_kwargs` does."""
+    kwargs = {k: v for k, v in section.items() if k != "loss"}
+    return check_module_kwargs(AutoencoderKL, kwargs, path, "")
+
+
+def build_autoencoder(kwargs: Mapping[str, Any]) -> AutoencoderKL:
+    """The :class:`AutoencoderKL` of checked keyword arguments (dtype names as strings)."""
+    return AutoencoderKL(**module_kwargs(kwargs))
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole training run; built only by :func:`parse_config`."""
 
@@ -418,12 +478,16 @@ class Config:
     sample: SampleConfig
     sharding: ShardingConfig
     profile: ProfileConfig = ProfileConfig()
+    latent: LatentConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready nested dict that :func:`parse_config` turns back into this config."""
+        """A JSON-ready nested dict that :func:`parse_config` turns back into this config (no
+        ``latent`` key for a run on the data themselves)."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name == "latent":
+                continue
             if isinstance(value, ModelConfig):
                 value = {"name": value.name, **value.kwargs}
             elif dataclasses.is_dataclass(value):
@@ -523,14 +587,56 @@ def parse_config(cfg: Any) -> Config:
     naming it. The ``data`` section is checked by ``diffusion_jax.data.to_data_config``.
     """
     values = as_dict(cfg)
-    seed, data_cfg = parse_seed_and_data(values, ("model", *_SECTIONS))
+    kind = run_kind(values)
+    if kind != "diffusion":
+        raise ConfigError(
+            f"this is the config of {RUN_KINDS[kind]}, not of a diffusion model (it has a {kind!r} "
+            "section); train it with train.py, which dispatches on the kind."
+        )
+    seed, data_cfg = parse_seed_and_data(values, ("model", "latent", *_SECTIONS))
     model_values = dict(values.get("model", {}))
     name = model_values.pop("name", "unet")
     model = ModelConfig(name=name, kwargs=model_values)
     sections = {key: parse_section(cls, values.get(key, {}), key) for key, cls in _SECTIONS.items()}
-    config = Config(seed=seed, data=data_cfg, model=model, **sections)
+    latent = None
+    if values.get("latent") is not None:
+        latent_values = dict(values["latent"])
+        autoencoder = latent_values.pop("autoencoder", None) or {}
+        latent = parse_section(LatentConfig, latent_values, "latent")
+        latent = dataclasses.replace(latent, autoencoder=autoencoder)
+    config = Config(seed=seed, data=data_cfg, model=model, latent=latent, **sections)
     _check_consistency(config)
     return config
+
+
+# The kinds of training run, by the config section that marks them: train.py dispatches on it, and
+# a workdir of one kind never continues as another (checkpoints.check_compatible).
+RUN_KINDS = {
+    "diffusion": "a diffusion model",
+    "classifier": "a noise-aware classifier (train_classifier.py)",
+    "autoencoder": "an autoencoder (train.py with an autoencoder config)",
+}
+
+
+def run_kind(cfg: Any) -> str:
+    """The kind of training run a config is (a key of :data:`RUN_KINDS`): "classifier" or
+    "autoencoder" when it has that section, else "diffusion" (with or without a ``latent``
+    section). ``cfg``: a ConfigDict, a nested mapping (e.g. a ``config.json``) or a typed config."""
+    values = as_dict(cfg)
+    marked = [kind for kind in RUN_KINDS if kind != "diffusion" and kind in values]
+    if len(marked) > 1:
+        raise ConfigError(f"a config has at most one of the sections {marked}.")
+    return marked[0] if marked else "diffusion"
+
+
+def describe_run(cfg: Any) -> str:
+    """What a config trains, for messages: :data:`RUN_KINDS`'s words, "a latent diffusion model"
+    for a diffusion config with a ``latent`` section."""
+    values = as_dict(cfg)
+    kind = run_kind(values)
+    if kind == "diffusion" and values.get("latent") is not None:
+        return "a latent diffusion model"
+    return RUN_KINDS[kind]
 
 
 def _check_consistency(config: Config) -> None:
@@ -555,6 +661,20 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(
             "model.num_classes is set but data.use_labels=False: the model needs labels."
         )
+    if config.latent is not None and not config.latent.autoencoder_workdir:
+        raise ConfigError(
+            "latent.autoencoder_workdir must name the workdir of a trained autoencoder (train.py "
+            "with e.g. configs/digits_autoencoder.py); drop the latent section to train on the "
+            "data themselves."
+        )
+    if config.latent is not None and config.model.name == "mlp":
+        raise ConfigError("latent diffusion needs an image model (unet or dit), not 'mlp'.")
+    if config.latent is not None and config.sample.clip_denoised:
+        raise ConfigError(
+            "sample.clip_denoised=True would clip the predicted x_0 to [-1, 1], but a latent "
+            "diffusion model's x_0 are latents of unit variance, not images: set "
+            "sample.clip_denoised=False (as LDM samples)."
+        )
 
 
 def sample_variance(config: Config) -> str:
@@ -578,7 +698,7 @@ def sample_variance(config: Config) -> str:
 def defines_run(key: str) -> bool:
     """Whether a flat config key ("optim.optimizer") is part of what a run is (see
     :data:`RUN_DEFINING_KEYS`), so that changing it needs a new workdir."""
-    if key in ADJUSTABLE_DATA_KEYS:
+    if key in ADJUSTABLE_KEYS:
         return False
     return key in _RUN_DEFINING_PROPERTIES or any(
         key == k or key.startswith(k + ".") for k in RUN_DEFINING_KEYS
@@ -745,7 +865,7 @@ def build_sampler(
     variance = sample_variance(dataclasses.replace(config, sample=s))
     if denoise_fn is None:
         denoise_fn = denoise_fn_for(build_model(config) if model is None else model)
-    return dj.make_sampler(
+    sample = dj.make_sampler(
         denoise_fn,
         build_process(config),
         prediction=config.diffusion.prediction,
@@ -754,3 +874,27 @@ def build_sampler(
         self_condition=config.model.self_condition,
         **s.sampler_kwargs(),
     )
+    if config.latent is None:
+        return sample
+    if not config.latent.resolved:
+        raise ConfigError(
+            "the latent section has no recorded autoencoder step, scale factor and network: "
+            "sample from a trained latent run's workdir (checkpoints.load_sampler), whose "
+            "config.json records them."
+        )
+    autoencoder = build_autoencoder(config.latent.autoencoder)
+    return latent_lib.make_latent_sampler(
+        sample,
+        latent_lib.decode_fn_for(autoencoder),
+        config.latent.scale_factor,
+        autoencoder.factor,
+        autoencoder.z_channels,
+    )
+
+
+def model_data_shape(config: Config, data_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of one example the denoiser sees: the data's ``data_shape``, or for a latent run
+    (:class:`LatentConfig`, resolved) the autoencoder's latent shape of it (H/f, W/f, z_channels)."""
+    if config.latent is None:
+        return tuple(data_shape)
+    return build_autoencoder(config.latent.autoencoder).latent_shape(data_shape)

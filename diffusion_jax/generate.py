@@ -85,6 +85,11 @@ def make_guided_sampler(
         denoise = lambda p, x_t, t, guidance_scale=1.0, **kw: plain(p, x_t, t, **kw)
 
     cond_fn, num_classes = None, model_classes
+    if classifier_workdir is not None and config.latent is not None:
+        raise ValueError(
+            f"{workdir} is a latent diffusion run: a noise-aware classifier of images cannot guide "
+            "its sampler, which works on the autoencoder's latents."
+        )
     if classifier_workdir is not None:
         from diffusion_jax import classifier_trainer
 

@@ -12,6 +12,12 @@ steps with ``jax.profiler``, and on SIGTERM or a preemption notice save and retu
 trainer's periodic work: sample grids from the EMA weights and, with post-hoc EMA on, snapshots of
 the power-function EMAs every ``ema.posthoc_every_steps`` into ``<workdir>/posthoc_ema/`` (all
 kept; see :mod:`diffusion_jax.posthoc_ema`).
+
+Latent diffusion (a ``latent`` section, :class:`config_utils.LatentConfig`): the batches stay
+images; the step encodes them with the frozen autoencoder's EMA parameters (an argument of the
+step, like the process) to scaled posterior samples (:func:`latent.make_latent_encoder`) and
+trains on those, so the model's examples have the latent shape (:func:`config_utils.model_data_shape`),
+which the checkpoints record. Sample grids are decoded to images.
 """
 
 from __future__ import annotations
@@ -32,7 +38,15 @@ import optax
 from etils import epath
 
 import diffusion_jax as dj
-from diffusion_jax import checkpoints, config_utils, images, posthoc_ema, sharding, training_loop
+from diffusion_jax import (
+    checkpoints,
+    config_utils,
+    images,
+    latent,
+    posthoc_ema,
+    sharding,
+    training_loop,
+)
 from diffusion_jax.config_utils import Config
 from diffusion_jax.train_state import (
     TrainState,
@@ -43,6 +57,8 @@ from diffusion_jax.train_state import (
 from diffusion_jax.training_loop import NonFiniteLossError as NonFiniteLossError  # re-exported
 
 RNG_STREAMS = ("init", "train", "sample", "data")
+# Folded into a step's key for the posterior sample of a latent run's batch.
+_ENCODE_STREAM = 1_000_003
 Metrics = dict[str, jax.Array]
 
 
@@ -80,8 +96,9 @@ def write_run(
 
     For weights made elsewhere: converted ones (:mod:`diffusion_jax.convert`) or a reconstructed
     EMA. With ``ema.posthoc_sigma_rels`` set, the power-function EMAs start as ``ema_params``. The
-    trees must have exactly the structure and shapes of ``config``'s model for
-    ``data_shape`` (one example, e.g. (H, W, C)); a mismatch raises ``ValueError`` naming it.
+    trees must have exactly the structure and shapes of ``config``'s model for ``data_shape`` (one
+    example, e.g. (H, W, C); for a latent run, whose ``config.latent`` must be the recorded
+    (resolved) one, the latents' shape); a mismatch raises ``ValueError`` naming it.
     """
     cfg = config if isinstance(config, Config) else config_utils.parse_config(config)
     workdir = epath.Path(workdir)
@@ -211,6 +228,25 @@ def make_train_step(
     return train_step
 
 
+def with_latent_encoding(
+    train_step: Callable[..., tuple[TrainState, Metrics]], config: Config
+) -> Callable[..., tuple[TrainState, Metrics]]:
+    """``step(state, batch, process, autoencoder_params)``: ``train_step`` on the latents of the
+    batch's images, z = scale_factor * (mean + exp(logvar / 2) * eps) under the frozen autoencoder
+    of ``config.latent`` (resolved), eps from ``fold_in(state.step_rng(), _ENCODE_STREAM)``."""
+    lat = config.latent
+    encode = latent.make_latent_encoder(
+        latent.encode_fn_for(config_utils.build_autoencoder(lat.autoencoder)), lat.scale_factor
+    )
+
+    def step(state: TrainState, batch: dict[str, jax.Array], process: Any, autoencoder_params: Any):
+        rng = jax.random.fold_in(state.step_rng(), _ENCODE_STREAM)
+        z = encode(autoencoder_params, batch["x"], rng)
+        return train_step(state, {**batch, "x": z}, process)
+
+    return step
+
+
 def make_sample_grid_fn(
     model: nn.Module,
     config: Config,
@@ -220,6 +256,9 @@ def make_sample_grid_fn(
     **sampler_overrides: Any,
 ) -> Callable[[Any], jax.Array]:
     """Jitted ``sample_grid(ema_params) -> [num_samples, *data_shape]``, always from the same noise.
+
+    For a latent run ``data_shape`` is the images' and ``ema_params`` {"diffusion": ...,
+    "autoencoder": ...} (:func:`latent.make_latent_sampler`).
 
     ``num_samples`` defaults to ``config.sample.num_samples``; ``sampler_overrides`` replace entries
     of ``config.sample`` (sampler, num_steps, eta). Class-conditional models get the labels 0, 1,
@@ -249,7 +288,9 @@ class Programs:
 
     ``train_step(state, batch, process)`` is jitted with the state sharded by ``state_shardings``
     (replicated, or FSDP above ``sharding.fsdp_min_size``), the batch split along ``data`` and the
-    state donated. ``sample_grid(ema_params)`` is None when ``sample.num_samples = 0``.
+    state donated; a latent run's takes the autoencoder's parameters last (replicated).
+    ``sample_grid(ema_params)`` is None when ``sample.num_samples = 0``. ``model_shape``: the shape
+    of one of the model's examples (the data's, or the latents' of a latent run).
     """
 
     model: nn.Module
@@ -261,6 +302,7 @@ class Programs:
     batch_keys: tuple[str, ...]
     train_step: Any
     sample_grid: Any
+    model_shape: tuple[int, ...]
 
     def abstract_state_args(self) -> TrainState:
         """The state as ``jax.ShapeDtypeStruct`` with its shardings (restore and compile targets)."""
@@ -286,16 +328,23 @@ class Programs:
 
 
 def build_programs(cfg: Config, mesh: jax.sharding.Mesh, data_shape: tuple[int, ...]) -> Programs:
-    """The model, optimiser and jitted programs of a training run on ``mesh`` (nothing is run)."""
+    """The model, optimiser and jitted programs of a training run on ``mesh`` (nothing is run);
+    ``data_shape``: one example of the data (for a latent run, the images)."""
     model = config_utils.build_model(cfg)
+    model_shape = config_utils.model_data_shape(cfg, data_shape)
     process = jax.tree.map(np.asarray, config_utils.build_process(cfg))
     tx, lr_fn = make_optimizer(cfg.optim, cfg.train.num_steps)
-    abstract_state = jax.eval_shape(lambda: init_state(model, cfg, data_shape, tx))
+    abstract_state = jax.eval_shape(lambda: init_state(model, cfg, model_shape, tx))
     state_shardings = sharding.state_shardings(abstract_state, mesh, cfg.sharding.fsdp_min_size)
     fsdp = sharding.is_fsdp(state_shardings.params)
+    step = make_train_step(model, cfg, tx, lr_fn, state_shardings.params if fsdp else None)
+    in_shardings = (state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh))
+    if cfg.latent is not None:
+        step = with_latent_encoding(step, cfg)
+        in_shardings += (sharding.replicated(mesh),)
     train_step = jax.jit(
-        make_train_step(model, cfg, tx, lr_fn, state_shardings.params if fsdp else None),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        step,
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
@@ -305,7 +354,7 @@ def build_programs(cfg: Config, mesh: jax.sharding.Mesh, data_shape: tuple[int, 
     batch_keys = ("x", "label") if cfg.model.num_classes is not None else ("x",)
     return Programs(
         model, tx, lr_fn, process, abstract_state, state_shardings, batch_keys, train_step,
-        sample_grid,
+        sample_grid, model_shape,
     )  # fmt: skip
 
 
@@ -351,10 +400,16 @@ def train_and_evaluate(
     from diffusion_jax import data
 
     cfg = config if isinstance(config, Config) else config_utils.parse_config(config)
+    cfg, autoencoder = checkpoints.resolve_latent(cfg)  # before the workdir's config is checked
     workdir, mesh, local_batch = training_loop.prepare(workdir, cfg)
 
     info = data.dataset_info(cfg.data)
     data_shape = tuple(info.shape)
+    if autoencoder is not None and autoencoder.image_shape != data_shape:
+        raise ValueError(
+            f"the autoencoder in {cfg.latent.autoencoder_workdir} was trained on images of shape "
+            f"{autoencoder.image_shape}, but the data ({cfg.data.source}) have shape {data_shape}."
+        )
     num_classes = cfg.model.num_classes
     if num_classes is not None and info.num_classes is None:
         raise ValueError(
@@ -373,7 +428,18 @@ def train_and_evaluate(
     )  # fmt: skip
 
     programs = build_programs(cfg, mesh, data_shape)
+    model_shape = programs.model_shape
     process = jax.device_put(programs.process, sharding.replicated(mesh))
+    step_args: tuple[Any, ...] = (process,)
+    autoencoder_params = None
+    if autoencoder is not None:
+        autoencoder_params = jax.device_put(autoencoder.params, sharding.replicated(mesh))
+        step_args += (autoencoder_params,)
+        logging.info(
+            "Latent diffusion on the autoencoder of %s (step %d): %s images -> %s latents, "
+            "scale factor %.5f", cfg.latent.autoencoder_workdir, cfg.latent.autoencoder_step,
+            data_shape, model_shape, cfg.latent.scale_factor,
+        )  # fmt: skip
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(programs.abstract_state.params))
     logging.info("Model %s with %s parameters", cfg.model.name, f"{num_params:,}")
 
@@ -385,24 +451,26 @@ def train_and_evaluate(
             stack.callback(snapshots.close)
             stack.callback(snapshots.wait_until_finished)
             on_start = functools.partial(_drop_snapshots_after, snapshots)
-            snapshot = functools.partial(_save_snapshot, snapshots, cfg, data_shape)
+            snapshot = functools.partial(_save_snapshot, snapshots, cfg, model_shape)
             periodic.append(
                 training_loop.Periodic(cfg.ema.posthoc_every_steps, snapshot, saves=True)
             )
         if programs.sample_grid is not None:
-            draw = functools.partial(_draw_samples, programs.sample_grid, cfg, workdir)
+            draw = functools.partial(
+                _draw_samples, programs.sample_grid, cfg, workdir, autoencoder=autoencoder_params
+            )
             periodic.append(training_loop.Periodic(cfg.sample.every_steps, draw))
         check_batch = None
         if "label" in programs.batch_keys:
             check_batch = functools.partial(_check_labels, num_classes=num_classes)
         task = training_loop.Task(
             config=cfg,
-            data_shape=data_shape,
-            init_state=lambda: init_state(programs.model, cfg, data_shape, programs.tx),
+            data_shape=model_shape,
+            init_state=lambda: init_state(programs.model, cfg, model_shape, programs.tx),
             abstract_state=programs.abstract_state,
             state_shardings=programs.state_shardings,
             train_step=programs.train_step,
-            step_args=(process,),
+            step_args=step_args,
             batch_keys=programs.batch_keys,
             metrics_to_log=(
                 ("loss", "loss", ".4f"),
@@ -426,12 +494,22 @@ def _save_snapshot(
 
 
 def _draw_samples(
-    sample_grid: Any, cfg: Config, workdir: epath.Path, step: int, state: TrainState
+    sample_grid: Any,
+    cfg: Config,
+    workdir: epath.Path,
+    step: int,
+    state: TrainState,
+    *,
+    autoencoder: Any = None,
 ) -> dict[str, np.ndarray] | None:
-    """Draws the sample grid from the EMA parameters into ``samples/step_<step>.png``; returns
-    the picture for TensorBoard (process 0; None on the others)."""
+    """Draws the sample grid from the EMA parameters (with a latent run's ``autoencoder``
+    parameters, decoded) into ``samples/step_<step>.png``; returns the picture for TensorBoard
+    (process 0; None on the others)."""
     t0 = time.time()
-    samples = sharding.to_host(sample_grid(state.ema_params))
+    params = state.ema_params
+    if autoencoder is not None:
+        params = {"diffusion": params, "autoencoder": autoencoder}
+    samples = sharding.to_host(sample_grid(params))
     if jax.process_index() != 0:
         return None
     picture = images.picture(np.asarray(samples), columns=cfg.model.num_classes)

@@ -99,6 +99,13 @@ def _step_time(tmp_path):
     assert "| digits_dit | dit |" in stdout
 
 
+def _latent_vs_pixel(tmp_path):
+    workdir = tmp_path / "latent_vs_pixel"
+    stdout = _run("latent_vs_pixel", "--tiny", "--seconds", "5", "--workdir", str(workdir))
+    result = json.loads((workdir / "latent_vs_pixel.json").read_text())
+    assert result["fd_ratio_latent_over_pixel"] > 0 and "FD(latent) / FD(pixel)" in stdout
+
+
 SMOKE = {  # module name in benchmarks/ -> its tiny-size run
     "unet_vs_diffusers": _unet_vs_diffusers,
     "sampler_compile": _sampler_compile,
@@ -106,6 +113,7 @@ SMOKE = {  # module name in benchmarks/ -> its tiny-size run
     "quality": _quality,
     "tpu_compile": _tpu_compile,
     "step_time": _step_time,
+    "latent_vs_pixel": _latent_vs_pixel,
 }
 
 

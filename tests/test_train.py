@@ -499,18 +499,22 @@ def test_invalid_config_values_fail_naming_the_key(path, value, message):
 
 def test_every_config_file_parses():
     """Each configs/*.py parses, documents its command and survives a JSON round trip; a config
-    with a ``classifier`` section is a train_classifier.py config."""
+    with a ``classifier`` section is a train_classifier.py config, one with an ``autoencoder``
+    section an autoencoder config (train.py)."""
     import importlib
 
-    from diffusion_jax import classifier_trainer
+    from diffusion_jax import autoencoder_trainer, classifier_trainer
 
     for path in sorted((ROOT / "configs").glob("*.py")):
         if path.stem == "__init__":
             continue
         module = importlib.import_module(f"configs.{path.stem}")
         config = module.get_config()
-        if "classifier" in config:
+        kind = config_utils.run_kind(config)
+        if kind == "classifier":
             parse, command = classifier_trainer.parse_classifier_config, "train_classifier.py"
+        elif kind == "autoencoder":
+            parse, command = autoencoder_trainer.parse_autoencoder_config, "train.py"
         else:
             parse, command = config_utils.parse_config, "train.py"
         parsed = parse(config)

@@ -196,6 +196,14 @@ def evaluate_params(
     is_points = len(data_shape) == 1
     if is_points and "bpd" in metrics:
         raise ValueError("bpd is defined for 8-bit image data; use ed/swd/fd/pr for points.")
+    if getattr(config, "latent", None) is not None and "bpd" in metrics:
+        metrics = [m for m in metrics if m != "bpd"]
+        logging.warning(
+            "Skipping bpd: a latent diffusion model's bound would be of its latents, not of the "
+            "images (the autoencoder's decoder has no likelihood)."
+        )
+        if not metrics:
+            raise ValueError("bpd does not apply to a latent diffusion model; use fd/pr.")
     if not is_points and ({"ed", "swd"} & set(metrics)):
         raise ValueError("ed and swd are for low-dimensional points; use fd/pr for images.")
     timer = _Timer()
