@@ -1136,12 +1136,162 @@ one process, and `toy_2d.ipynb` the network and the noise schedule on the dino."
     ),
 ]
 
+# --------------------------------------------------------------------------------------------------
+BACKBONES = [
+    (
+        "md",
+        f"""\
+# A diffusion transformer, self-conditioning and latent diffusion
+
+{badge("backbones")}
+
+The quickstart trains the DDPM U-Net on pixels. Since 2023 most image models are **diffusion
+transformers** (DiT, Peebles & Xie 2023) and run in the **latent space of an autoencoder** (latent
+diffusion, Rombach et al. 2022). This notebook trains, on the 8x8 digits:
+
+1. a DiT in place of the U-Net (`configs/digits_dit.py`), here with **self-conditioning** (Chen et
+   al. 2022): the network also sees its previous estimate of $x_0$;
+2. the library's KL autoencoder (`configs/digits_autoencoder.py`), then a diffusion model of its
+   latents (`configs/digits_latent.py`), sampled in latent space and decoded.
+
+Each is one `train.py` run from a shell; here the same function, `trainers.train(config, workdir)`.
+
+{SWITCH_DOC}""",
+    ),
+    ("code", INSTALL),
+    ("code", setup("from diffusion_jax import checkpoints, trainers\n")),
+    ("code", SHOW),
+    (
+        "md",
+        r"""## 1. DiT with self-conditioning
+
+The DiT cuts the image into $p \times p$ patches (here $p = 2$: 16 tokens for an 8x8 digit), adds
+2-D sin-cos positions and runs transformer blocks whose LayerNorms are modulated by the timestep
+and class embedding (adaLN-Zero: each block starts as the identity). `model.self_condition = True`
+gives the network a second input, its previous $\hat x_0$: in training, half of the examples get
+the estimate of a first pass without gradient (the others zeros); in sampling, each step passes its
+$\hat x_0$ to the next. Every key of the U-Net config (process, objective, sampler, guidance)
+applies unchanged.""",
+    ),
+    (
+        "code",
+        """\
+from configs import digits_dit
+
+config = digits_dit.get_config()  # DiT: patch 2, width 128, 4 blocks of 4 heads
+config.model.self_condition = True
+if FAST:
+    config.train.num_steps, config.train.batch_size = 60, 32
+    config.data.num_threads = 0
+    config.optim.warmup_steps = 10
+config.checkpoint.every_steps = config.train.num_steps
+config.sample.num_samples = 0  # we sample below
+start = time.time()
+trainers.train(config, os.path.join(ROOT, "digits_dit_selfcond"))
+print(f"trained in {time.time() - start:.0f} s")
+
+run = checkpoints.load_sampler(os.path.join(ROOT, "digits_dit_selfcond"), sampler="ddim", num_steps=20 if FAST else 50)
+y = jnp.tile(jnp.arange(10), 4)
+x = jax.jit(run.sample, static_argnums=2)(run.params, jax.random.key(0), (len(y), *run.data_shape), y=y)
+print(run.config.model.name, "self-conditioned:", run.config.model.self_condition)
+show(x, columns=10, title="DiT with self-conditioning, DDIM", scale=1.2)
+plt.show()""",
+    ),
+    (
+        "md",
+        r"""## 2. The autoencoder of latent diffusion
+
+`AutoencoderKL` maps an 8x8 digit to a 4x4x2 latent (half as many numbers) and back. It is trained
+to reconstruct (an L1 loss) while a small KL term keeps its posterior $q(z \mid x)$ near
+$\mathcal{N}(0, I)$. At the end the trainer measures the **scale factor**, $1/\mathrm{std}$ of the
+latents of the training images, as Stable Diffusion's 0.18215 was measured, so that the diffusion
+model sees latents of unit variance; it is written to `latent_stats.json` in the workdir.""",
+    ),
+    (
+        "code",
+        """\
+import json
+
+from configs import digits_autoencoder
+from diffusion_jax import data, latent
+
+AE_WORKDIR = os.path.join(ROOT, "digits_autoencoder")
+ae_config = digits_autoencoder.get_config()
+if FAST:
+    ae_config.train.num_steps, ae_config.train.batch_size = 150, 32
+    ae_config.data.num_threads = 0
+ae_config.checkpoint.every_steps = ae_config.train.num_steps
+start = time.time()
+trainers.train(ae_config, AE_WORKDIR)
+print(f"trained in {time.time() - start:.0f} s")
+print(json.dumps(latent.read_latent_stats(AE_WORKDIR), indent=1))
+
+ae = checkpoints.load_autoencoder(AE_WORKDIR)
+model = dj.AutoencoderKL(**ae.kwargs)
+images, _ = data.load_digits("test")
+x = jnp.asarray(images[:20])
+mean, logvar = model.apply({"params": ae.params}, x, method=model.encode)
+recon = model.apply({"params": ae.params}, mean, method=model.decode)
+print("latents:", mean.shape, "reconstruction MSE:", float(jnp.mean((recon - x) ** 2)))
+show(jnp.concatenate([x, jnp.clip(recon, -1, 1)]), columns=20, title="held-out digits (top) and their reconstructions", scale=1.2)
+plt.show()""",
+    ),
+    (
+        "md",
+        r"""## 3. Diffusion in latent space
+
+`configs/digits_latent.py` is the digits model with a `latent` section naming the autoencoder's
+workdir. Each training batch is encoded inside the jitted step by the frozen autoencoder (a
+posterior sample, times the scale factor), so the U-Net learns 4x4x2 latents. The sampler runs in
+latent space and decodes at the end: `sample(params, rng, shape)` takes the *image* shape and
+returns images, with `params = {"diffusion": ..., "autoencoder": ...}`, so `sample.py`,
+`evaluate.py` and the code below treat it like any run.""",
+    ),
+    (
+        "code",
+        """\
+from configs import digits_latent
+
+config = digits_latent.get_config()
+config.latent.autoencoder_workdir = AE_WORKDIR
+if FAST:
+    config.train.num_steps, config.train.batch_size = 80, 32
+    config.data.num_threads = 0
+    config.optim.warmup_steps = 10
+config.checkpoint.every_steps = config.train.num_steps
+config.sample.num_samples = 0
+LATENT_WORKDIR = os.path.join(ROOT, "digits_latent")
+start = time.time()
+trainers.train(config, LATENT_WORKDIR)
+print(f"trained in {time.time() - start:.0f} s")
+
+run = checkpoints.load_sampler(LATENT_WORKDIR, sampler="ddim", num_steps=20 if FAST else 50)
+print("params:", sorted(run.params), "| image shape:", run.data_shape,
+      "| scale factor:", round(run.config.latent.scale_factor, 4))
+y = jnp.tile(jnp.arange(10), 4)
+x = jax.jit(run.sample, static_argnums=2)(run.params, jax.random.key(0), (len(y), *run.data_shape), y=y)
+show(x, columns=10, title="latent diffusion: DDIM in latent space, decoded", scale=1.2)
+plt.show()""",
+    ),
+    (
+        "md",
+        """At 8x8 the autoencoder's reconstruction error costs more than the smaller input saves (see
+`benchmarks/latent_vs_pixel.py`); latent diffusion pays off at larger images, e.g.
+`configs/cifar10_autoencoder.py` then `configs/cifar10_latent.py` on an accelerator. From a shell:
+
+    python train.py --config configs/digits_autoencoder.py --workdir /tmp/digits_autoencoder
+    python train.py --config configs/digits_latent.py --workdir /tmp/digits_latent
+    python sample.py --workdir /tmp/digits_latent""",
+    ),
+]
+
 NOTEBOOKS = {
     "quickstart": QUICKSTART,
     "toy_2d": TOY_2D,
     "sampling_tour": SAMPLING_TOUR,
     "schedules": SCHEDULES,
     "processes": PROCESSES,
+    "backbones": BACKBONES,
 }
 
 

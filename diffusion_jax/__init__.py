@@ -28,7 +28,14 @@ from diffusion_jax.losses import (
     prior_bpd,
     vb_term_bpd,
 )
-from diffusion_jax.models import DiT, MLPDenoiser, NoisyClassifier, UNet, timestep_embedding
+from diffusion_jax.models import (
+    AutoencoderKL,
+    DiT,
+    MLPDenoiser,
+    NoisyClassifier,
+    UNet,
+    timestep_embedding,
+)
 from diffusion_jax.processes import Process, make_process, sampling_levels
 from diffusion_jax.sampling import (
     classifier_free_guidance,
@@ -51,6 +58,7 @@ from diffusion_jax.schedules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoencoderKL",
     "DiT",
     "MLPDenoiser",
     "NoisyClassifier",
