@@ -7,7 +7,8 @@ r"""Seconds per training step of whole configs on this machine: the U-Net agains
 
 Each config's training step is built as ``train.py`` builds it (optimiser, EMA, sharding over the
 local devices) and timed on random data after two warm-up steps (:func:`benchmarks.common.time_train_step`);
-the table gives the parameter count, the first step (compilation) and the median step. For an
+the table gives the parameter count, the first step (compilation), the median step and the CPU time
+per step (all threads; steadier than wall time when other jobs share the machine). For an
 accelerator's estimate of the same programs without the accelerator, use
 ``python -m diffusion_jax.aot --config configs/<name>.py --topology v5e:2x2``.
 """
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     print(
         f"jax {jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} device(s)\n\n"
-        "| config | model | parameters | batch | first step s | step ms | images/s |\n"
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| config | model | parameters | batch | first step s | step ms | CPU ms per step | images/s |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
         flush=True,
     )
     for name in names:
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(
             f"| {name} | {model} | {r['num_params']:,} | {r['batch_size']} | "
             f"{r['compile_seconds']:.1f} | {1e3 * r['step_seconds']:.1f} | "
+            f"{1e3 * r['step_cpu_seconds']:.1f} | "
             f"{r['batch_size'] / r['step_seconds']:.1f} |",
             flush=True,
         )
