@@ -173,8 +173,8 @@ def apply_gradients(
     EMA (decay from :func:`ema_decay` of the update count) and the power-function EMAs of
     ``ema.posthoc_sigma_rels`` (``state`` a :class:`PosthocTrainState` then). A batch whose loss
     or gradient norm is not finite changes nothing but ``step`` and the non-finite counters; under
-    accumulation it is not counted as a micro-batch either (the EMAs follow the optimiser's own
-    update count, not ``step``).
+    accumulation it is not counted as a micro-batch either, and the EMA follows the optimiser's own
+    update count, not ``step`` (the power-function EMAs, profiles over training time, do not).
     """
     accum = grad_accum_steps
     grad_norm = global_norm(grads)
@@ -204,10 +204,11 @@ def apply_gradients(
         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
         first_nonfinite_step=jnp.where(first_bad, step, state.first_nonfinite_step),
     )
-    if ema.posthoc_sigma_rels:  # of the parameters kept: a dropped batch repeats them
-        if accum > 1:
-            moved = moved & finite
-        emas = update_posthoc_emas(state.posthoc_emas, params, ema, num_updates, moved)
+    if ema.posthoc_sigma_rels:
+        # A profile over training time t = step // accum, of the parameters kept at every accum-th
+        # batch (a dropped batch repeats them), as posthoc_ema's reconstruction assumes.
+        at_update = step % accum == 0 if accum > 1 else True
+        emas = update_posthoc_emas(state.posthoc_emas, params, ema, step // accum, at_update)
         new_state = new_state.replace(posthoc_emas=emas)
     return new_state, grad_norm, finite
 
