@@ -51,7 +51,7 @@ from diffusion_jax.config_utils import (
 )
 from diffusion_jax.models import AutoencoderKL
 from diffusion_jax.models.autoencoder import kl_to_standard_normal, sample_posterior
-from diffusion_jax.train_state import TrainState, apply_gradients, make_optimizer
+from diffusion_jax.train_state import TrainState, gradient_step, make_optimizer
 
 RECONSTRUCTIONS = ("l1", "l2")
 
@@ -209,7 +209,7 @@ def make_autoencoder_step(
     """
     accum = config.optim.grad_accum_steps
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, rng, batch):
         sample_rng, dropout_rng = jax.random.split(rng)
         x = batch["x"]
         recon, mean, logvar = model.apply(
@@ -222,18 +222,7 @@ def make_autoencoder_step(
         return jnp.mean(loss), jax.tree.map(jnp.mean, terms)
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, state.step_rng()
-        )
-        new_state, grad_norm, finite = apply_gradients(state, loss, grads, tx, config.ema, accum)
-        metrics = {
-            "loss": loss,
-            **terms,
-            "grad_norm": grad_norm,
-            "learning_rate": jnp.asarray(learning_rate_fn(state.step // accum), jnp.float32),
-            "finite": finite,
-        }
-        return new_state, metrics
+        return gradient_step(state, loss_fn, (batch,), tx, config.ema, learning_rate_fn, accum)
 
     return step
 

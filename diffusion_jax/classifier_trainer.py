@@ -39,7 +39,7 @@ from diffusion_jax.config_utils import (
     TrainConfig,
 )
 from diffusion_jax.models import NoisyClassifier
-from diffusion_jax.train_state import TrainState, apply_gradients, make_optimizer
+from diffusion_jax.train_state import TrainState, gradient_step, make_optimizer
 
 # Fractions of T at which the held-out accuracy is reported (t = round(f * (T - 1))).
 EVAL_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -136,7 +136,7 @@ def make_classifier_step(
     """
     accum = config.optim.grad_accum_steps
 
-    def loss_fn(params, batch, rng, schedule):
+    def loss_fn(params, rng, batch, schedule):
         loss_rng, dropout_rng = jax.random.split(rng)
 
         def logits_fn(x_t, t):
@@ -145,21 +145,12 @@ def make_classifier_step(
             )
 
         nll, hits = dj.classifier_loss(schedule, logits_fn, batch["x"], batch["label"], loss_rng)
-        return jnp.mean(nll), jnp.mean(hits)
+        return jnp.mean(nll), {"accuracy": jnp.mean(hits)}
 
     def step(state: TrainState, batch: dict[str, jax.Array], schedule: dj.Schedule):
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, state.step_rng(), schedule
+        return gradient_step(
+            state, loss_fn, (batch, schedule), tx, config.ema, learning_rate_fn, accum
         )
-        new_state, grad_norm, finite = apply_gradients(state, loss, grads, tx, config.ema, accum)
-        metrics = {
-            "loss": loss,
-            "accuracy": accuracy,
-            "grad_norm": grad_norm,
-            "learning_rate": jnp.asarray(learning_rate_fn(state.step // accum), jnp.float32),
-            "finite": finite,
-        }
-        return new_state, metrics
 
     return step
 

@@ -10,6 +10,7 @@ its checkpoints and the step are exactly those of runs from before post-hoc EMA 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -211,6 +212,40 @@ def apply_gradients(
         emas = update_posthoc_emas(state.posthoc_emas, params, ema, step // accum, at_update)
         new_state = new_state.replace(posthoc_emas=emas)
     return new_state, grad_norm, finite
+
+
+def gradient_step(
+    state: TrainState,
+    loss_fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]],
+    args: tuple[Any, ...],
+    tx: optax.GradientTransformation,
+    ema: EmaConfig,
+    learning_rate_fn: optax.Schedule,
+    grad_accum_steps: int = 1,
+    grad_shardings: Any = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """A trainer's step after its loss: ``loss_fn(params, rng, *args) -> (scalar loss, aux scalars)``
+    differentiated at ``state.params`` with ``rng = state.step_rng()``, then
+    :func:`apply_gradients`. ``grad_shardings``: constrain the gradients to these (FSDP).
+
+    Returns (new state, metrics): ``loss``, the aux scalars, ``grad_norm`` (before clipping),
+    ``learning_rate`` (of this optimiser update) and ``finite`` (False: the update was dropped).
+    """
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.step_rng(), *args
+    )
+    if grad_shardings is not None:
+        grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+    accum = grad_accum_steps
+    new_state, grad_norm, finite = apply_gradients(state, loss, grads, tx, ema, accum)
+    metrics = {
+        "loss": loss,
+        **aux,
+        "grad_norm": grad_norm,
+        "learning_rate": jnp.asarray(learning_rate_fn(state.step // accum), jnp.float32),
+        "finite": finite,
+    }
+    return new_state, metrics
 
 
 def select_tree(pred: jax.Array, on_true: Any, on_false: Any) -> Any:

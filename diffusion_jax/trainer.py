@@ -50,7 +50,7 @@ from diffusion_jax import (
 from diffusion_jax.config_utils import Config
 from diffusion_jax.train_state import (
     TrainState,
-    apply_gradients,
+    gradient_step,
     make_optimizer,
     with_posthoc_emas,
 )
@@ -205,25 +205,16 @@ def make_train_step(
             )  # fmt: skip
         return jnp.mean(per_example)
 
-    def params_loss(params, batch, rng, process):
+    def params_loss(params, rng, batch, process):
         if param_shardings is not None:
             params = sharding.fsdp_gather(params, param_shardings)
-        return loss_fn(params, batch, rng, process)
+        return loss_fn(params, batch, rng, process), {}
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], process: dj.Process):
-        loss, grads = jax.value_and_grad(params_loss)(
-            state.params, batch, state.step_rng(), process
-        )
-        if param_shardings is not None:
-            grads = jax.lax.with_sharding_constraint(grads, param_shardings)
-        new_state, grad_norm, finite = apply_gradients(state, loss, grads, tx, config.ema, accum)
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "learning_rate": jnp.asarray(learning_rate_fn(state.step // accum), jnp.float32),
-            "finite": finite,
-        }
-        return new_state, metrics
+        return gradient_step(
+            state, params_loss, (batch, process), tx, config.ema, learning_rate_fn, accum,
+            grad_shardings=param_shardings,
+        )  # fmt: skip
 
     return train_step
 
