@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--set", action="append", default=[], help="a config override key=value (repeatable)"
     )
     parser.add_argument("--json", default=None, help="also write the rows to this file")
-    parser.add_argument("--tiny", action="store_true", help="tiny and digits_dit, 2 steps")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny and a one-block digits_dit, 2 steps"
+    )
     args = parser.parse_args(argv)
     names = args.configs.split(",")
     if args.tiny:
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         flush=True,
     )
     for name in names:
-        config = load_config(name, args.batch_size, args.set)
+        extra = ["model.depth=1"] if args.tiny and name == "digits_dit" else []
+        config = load_config(name, args.batch_size, [*args.set, *extra])
         r = time_train_step(config, steps=args.steps)
         model = config.model.name + (f" {config.model.size}" if config.model.get("size") else "")
         row = {"config": name, "model": model, **r}

@@ -18,8 +18,14 @@ collectives in the program (count and bytes per kind).
 
 Two corrections to the raw estimate: each ``ConcatBitcast`` custom call counts -1 s in it (a
 "no estimate" sentinel), so those are added back; and a ``while`` loop's body is counted once, not
-once per trip, so a sampler's chain (one ``scan`` over its steps) is reported per step and
-multiplied by the number of steps.
+once per trip. A sampler's chain is one ``scan`` over its steps, so its estimate is split by the
+compiler's own per-kernel cycle estimates (``estimated_cycles`` in the optimised HLO) into the loop
+body, reported per step and multiplied by the number of steps, and the work outside the loop
+(casting the weights to the compute dtype, the initial noise), counted once.
+
+``--breakdown N`` also prints where the bytes go (:func:`hbm_traffic`): bytes moved per kind of
+kernel (network forward and backward convolutions and elementwise work, the optimiser and EMA,
+layout copies, collectives, copies between HBM and on-chip memory) and the N largest kernels.
 """
 
 from __future__ import annotations
@@ -187,17 +193,20 @@ class Report:
     bytes_accessed: float = 0.0
     raw_optimal_seconds: float = 0.0
     concat_bitcasts: int = 0
-    est_seconds: float = 0.0  # per call (per step of a sampler's chain)
+    est_seconds: float = 0.0  # per call; for a sampler's chain, per step (its loop body)
+    setup_seconds: float = 0.0  # a sampler's work outside its loop, once per call
+    loop_bytes_share: float = 1.0  # of bytes_accessed, the share of a sampler's loop body
     roofline_seconds: float = 0.0
     bound: str = ""  # "compute" | "memory": which roofline term is larger
     images: int = 0  # examples per call, all chips
     steps: int = 1  # trips of the sampler's loop (1: no loop)
     nfe_per_step: int = 1
-    total_seconds: float = 0.0  # est_seconds * steps
+    total_seconds: float = 0.0  # setup_seconds + est_seconds * steps
     images_per_second: float = 0.0
     flop_utilisation: float = 0.0  # flops / (est_seconds * peak bf16 FLOP/s)
     collectives: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     while_loops: int = 0
+    traffic: dict[str, int] = dataclasses.field(default_factory=dict)  # bytes by kernel kind
 
     @property
     def memory_bytes(self) -> int:
@@ -230,8 +239,10 @@ def analyse(
     images: int,
     steps: int = 1,
     nfe_per_step: int = 1,
+    breakdown: int = 0,
 ) -> Report:
-    """A :class:`Report` from a compiled program for ``devices`` (one per chip)."""
+    """A :class:`Report` from a compiled program for ``devices`` (one per chip); with ``breakdown``
+    it also prints :func:`traffic_table` of its kernels with that many of the largest."""
     chip = chip_of(devices[0])
     report = Report(program, topology, len(devices), len({d.process_index for d in devices}))
     report.compiled, report.hbm_bytes = True, chip.hbm_bytes
@@ -247,17 +258,30 @@ def analyse(
     report.bytes_accessed = float(cost.get("bytes accessed", 0.0))
     report.raw_optimal_seconds = float(cost.get("optimal_seconds", 0.0))
     report.concat_bitcasts = len(re.findall(r'custom_call_target="ConcatBitcast"', text))
-    report.est_seconds = report.raw_optimal_seconds + report.concat_bitcasts
-    compute, memory = report.flops / chip.bf16_flops, report.bytes_accessed / chip.hbm_bandwidth
+    est = report.raw_optimal_seconds + report.concat_bitcasts
+    kernels = hbm_traffic(text)
+    share = loop_share(kernels) if steps > 1 else 1.0
+    report.est_seconds, report.setup_seconds = est * share, est * (1.0 - share)
+    if share < 1.0:  # the byte count's share of the loop body, from the per-kernel count
+        moved = sum(k.bytes for k in kernels) or 1
+        report.loop_bytes_share = sum(k.bytes for k in kernels if k.in_loop) / moved
+    compute = report.flops / chip.bf16_flops
+    memory = report.bytes_accessed * report.loop_bytes_share / chip.hbm_bandwidth
     report.roofline_seconds = max(compute, memory)
     report.bound = "compute" if compute >= memory else "memory"
     report.images, report.steps, report.nfe_per_step = images, steps, nfe_per_step
-    report.total_seconds = report.est_seconds * steps
+    report.total_seconds = report.setup_seconds + report.est_seconds * steps
     if report.est_seconds > 0:
         report.images_per_second = images / report.total_seconds
         report.flop_utilisation = report.flops / (report.est_seconds * chip.bf16_flops)
     report.collectives = collectives(text)
     report.while_loops = while_loops(text)
+    for k in kernels:
+        report.traffic[k.category] = report.traffic.get(k.category, 0) + k.bytes
+    if breakdown:
+        print(
+            f"\n{program} on {topology}: where the bytes go\n\n{traffic_table(kernels, breakdown)}\n"
+        )
     return report
 
 
@@ -289,6 +313,238 @@ def compile_and_analyse(
     report = analyse(compiled, program, topology, devices, **kwargs)
     report.compile_seconds = seconds
     return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the bytes go: a per-kernel count of HBM traffic in an optimised TPU HLO text.
+
+_HEADER = re.compile(r"^(ENTRY )?%?([\w.-]+) \(.*\) -> .*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (.*?) ([a-z][\w-]*)\((.*)$")
+_ARRAY_LAYOUT = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
+_NOT_KERNELS = {
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
+    "call", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
+}  # fmt: skip
+_NETWORK_FILES = ("/models/", "/ops/", "/flax/")
+_UPDATE_FILES = ("train_state.py", "/optax/", "posthoc_ema.py")
+
+
+@dataclasses.dataclass
+class Kernel:
+    """One top-level instruction of a compiled program and the HBM bytes it reads and writes."""
+
+    name: str
+    opcode: str  # the HLO opcode; for a fusion, "fusion:<what it computes>"
+    category: str
+    bytes: int  # operands + result, wherever they live
+    hbm_bytes: int  # of those, the arrays in HBM (not placed on-chip, S(1))
+    op_name: str
+    in_loop: bool  # inside a while loop's body (counted once, like the cost analysis)
+    cycles: int  # the compiler's own estimate for it (``estimated_cycles``), 0 if it gives none
+
+
+def _shape_bytes(shape_text: str) -> tuple[int, int]:
+    """(all bytes, HBM bytes) of the arrays of an HLO shape; a layout marked S(1) is on-chip."""
+    total = hbm = 0
+    for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape_text):
+        n = _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+        total += n
+        hbm += 0 if "S(1)" in layout else n
+    return total, hbm
+
+
+def _call_args(rest: str) -> tuple[str, str]:
+    """(text inside the instruction's outer parentheses, the attributes after them)."""
+    depth = 1
+    for i, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            return rest[:i], rest[i + 1 :]
+    return rest, ""
+
+
+def _stack_files(hlo_text: str) -> dict[str, list[str]]:
+    """stack_frame_id -> the file names of that frame and its callers, innermost first (from the
+    FileNames, FileLocations and StackFrames tables at the top of an HLO text)."""
+    tables: dict[str, dict[str, str]] = {"FileNames": {}, "FileLocations": {}, "StackFrames": {}}
+    table = None
+    for line in hlo_text.splitlines():
+        if line in tables or line == "FunctionNames":
+            table = tables.get(line)
+            continue
+        m = re.match(r"^(\d+) (.*)$", line)
+        if m is None:
+            if line.strip():
+                table = None  # past the tables
+            continue
+        if table is not None:
+            table[m.group(1)] = m.group(2)
+    files = {k: v.strip('"') for k, v in tables["FileNames"].items()}
+    location_file = {
+        k: files.get(re.search(r"file_name_id=(\d+)", v).group(1), "")
+        for k, v in tables["FileLocations"].items()
+    }
+    frames = {
+        k: (
+            location_file.get(re.search(r"file_location_id=(\d+)", v).group(1), ""),
+            re.search(r"parent_frame_id=(\d+)", v).group(1),
+        )
+        for k, v in tables["StackFrames"].items()
+    }
+    out = {}
+    for key in frames:
+        chain, seen, k = [], set(), key
+        while k in frames and k not in seen:
+            seen.add(k)
+            chain.append(frames[k][0])
+            k = frames[k][1]
+        out[key] = chain
+    return out
+
+
+def _category(opcode: str, op_name: str, files: list[str]) -> str:
+    backward = "transpose(" in op_name
+    if any(any(s in f for s in _UPDATE_FILES) for f in files[:3]) and not backward:
+        return "optimiser, EMA, update"
+    if opcode in ("copy-start", "slice-start", "copy-done", "slice-done"):
+        return "async copies between HBM and on-chip memory"
+    if opcode in ("copy", "transpose", "fusion:copy", "fusion:transpose"):
+        return "layout copies"
+    if any(opcode.split(":")[-1].startswith(c) for c in COLLECTIVES):
+        return "collectives"
+    net = any(any(s in f for s in _NETWORK_FILES) for f in files[:1]) or "UNet" in op_name
+    where = "network" if net else "other"
+    what = (
+        "convolution/matmul" if "convolution" in opcode or "dot" in opcode else "elementwise/reduce"
+    )
+    return f"{where} {'backward' if backward else 'forward'}: {what}"
+
+
+def hbm_traffic(hlo_text: str) -> list[Kernel]:
+    """The kernels of an optimised HLO text (as ``compiled.as_text()`` prints it) with the bytes each
+    reads and writes in HBM: its operands plus its result, arrays placed on-chip (S(1)) left out.
+
+    A rough count (a kernel that reads part of an operand is charged all of it), meant for ranking
+    where the traffic goes, next to the cost analysis' own total. Instructions of a ``while``
+    body are counted once. Categories come from the op's name (``transpose(`` = backward pass) and
+    the source files of its stack frame (model code, the optimiser and EMA of ``train_state``).
+    """
+    shapes: dict[str, str] = {}
+    bodies: dict[str, str] = {}  # computation -> what kind of top-level region ("entry", "loop")
+    fused_ops: dict[str, set[str]] = {}
+    computation, entries = "", []
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            computation = header.group(2)
+            if header.group(1):
+                bodies[computation] = "entry"
+            continue
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        shapes[f"{computation}/{name}"] = shape
+        fused_ops.setdefault(computation, set()).add(opcode)
+        args, attrs = _call_args(rest)
+        for key in ("body", "condition"):
+            target = re.search(rf"\b{key}=%?([\w.-]+)", attrs)
+            if target:
+                bodies[target.group(1)] = "loop"
+        for target in re.findall(
+            r"(?:branch_computations=\{|true_computation=|false_computation=)%?([\w.-]+)", attrs
+        ):
+            bodies.setdefault(target, "entry")
+        entries.append((computation, name, shape, opcode, args, attrs))
+    files = _stack_files(hlo_text)
+    kernels = []
+    for computation, name, shape, opcode, args, attrs in entries:
+        region = bodies.get(computation)
+        if region is None or opcode in _NOT_KERNELS or opcode.endswith("-done"):
+            continue
+        if 'custom_call_target="ConcatBitcast"' in attrs:  # joins copied slices: no traffic
+            continue
+        kind = opcode
+        if opcode == "fusion":
+            called = re.search(r"calls=%?([\w.-]+)", attrs)
+            ops = fused_ops.get(called.group(1), set()) if called else set()
+            heavy = [
+                o
+                for o in ("convolution", "dot", "all-reduce", "reduce", "transpose", "copy")
+                if o in ops
+            ]
+            kind = f"fusion:{heavy[0] if heavy else 'elementwise'}"
+        if opcode in ("copy-start", "slice-start"):  # a DMA, (source, destination, context)
+            arrays = _ARRAY_LAYOUT.findall(shape)
+            dtype, dims, _ = arrays[-2]
+            moved = _shape_bytes(f"{dtype}[{dims}]")[0]  # the slice it moves, read then written
+            in_hbm = sum("S(1)" not in layout for _, _, layout in arrays[:2])
+            sizes = [(2 * moved, in_hbm * moved)]
+        else:
+            operands = re.findall(r"%([\w.-]+)", args)
+            sizes = [_shape_bytes(shape)] + [
+                _shape_bytes(shapes.get(f"{computation}/{o}", "")) for o in operands
+            ]
+        op_name = re.search(r'op_name="([^"]*)"', attrs)
+        frame = re.search(r"stack_frame_id=(\d+)", attrs)
+        op = op_name.group(1) if op_name else ""
+        chain = files.get(frame.group(1), []) if frame else []
+        nbytes, hbm = (sum(x) for x in zip(*sizes, strict=True))
+        category = _category(kind, op, chain)
+        cycles = re.search(r'"estimated_cycles":"(\d+)"', attrs)
+        cycles = int(cycles.group(1)) if cycles else 0
+        kernels.append(Kernel(name, kind, category, nbytes, hbm, op, region == "loop", cycles))
+    return kernels
+
+
+def loop_share(kernels: Sequence[Kernel]) -> float:
+    """The share of the compiler's estimated cycles spent in ``while`` bodies (1.0 without any).
+
+    A sampler's chain is one loop; what lies outside it (casting the weights to the compute dtype,
+    the initial noise, the output) runs once per call, not once per step.
+    """
+    total = sum(k.cycles for k in kernels)
+    if not total or not any(k.in_loop for k in kernels):
+        return 1.0
+    return sum(k.cycles for k in kernels if k.in_loop) / total
+
+
+def traffic_table(kernels: Sequence[Kernel], top: int = 15) -> str:
+    """Markdown: bytes moved and the compiler's estimated time by kind of kernel, then the ``top``
+    kernels by estimated time. Time shares come from each kernel's ``estimated_cycles``."""
+    total_bytes = sum(k.bytes for k in kernels) or 1
+    total_cycles = sum(k.cycles for k in kernels) or 1
+    by_kind: dict[str, list[int]] = {}
+    for k in kernels:
+        entry = by_kind.setdefault(k.category, [0, 0, 0, 0])
+        entry[0] += k.cycles
+        entry[1] += k.bytes
+        entry[2] += k.hbm_bytes
+        entry[3] += 1
+    rows = [
+        "| kernels of this kind | count | share of the estimated time | GB moved | of which HBM |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for kind, (cycles, nbytes, hbm, count) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
+        rows.append(
+            f"| {kind} | {count} | {cycles / total_cycles:.1%} | {nbytes / 1e9:.3f} | "
+            f"{hbm / 1e9:.3f} |"
+        )
+    hbm = sum(k.hbm_bytes for k in kernels)
+    rows.append(f"| total | {len(kernels)} | 100% | {total_bytes / 1e9:.3f} | {hbm / 1e9:.3f} |")
+    if top:
+        rows += [
+            "",
+            "| kernel | what | share of the time | GB moved | op |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for k in sorted(kernels, key=lambda k: (-k.cycles, -k.bytes))[:top]:
+            loop = " (loop)" if k.in_loop else ""
+            rows.append(
+                f"| {k.name}{loop} | {k.opcode} | {k.cycles / total_cycles:.1%} | "
+                f"{k.bytes / 1e9:.3f} | {k.op_name[-90:]} |"
+            )
+    return "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,6 +588,7 @@ def compile_programs(
     forward: bool = True,
     train: bool = True,
     hlo_dir: str | None = None,
+    breakdown: int = 0,
     log: Callable[[str], None] = lambda s: None,
 ) -> list[Report]:
     """Compiles ``config``'s training step (unless ``train=False``), a bare forward (``forward``) and
@@ -352,7 +609,7 @@ def compile_programs(
     data_shape = data_shape_of(cfg)
     programs = trainer.build_programs(cfg, mesh, data_shape)
     batch = cfg.train.batch_size
-    common = dict(topology=topology, devices=devices, hlo_dir=hlo_dir)
+    common = dict(topology=topology, devices=devices, hlo_dir=hlo_dir, breakdown=breakdown)
 
     reports = []
     if train:
@@ -421,7 +678,8 @@ def _collective_text(c: dict[str, dict[str, int]]) -> str:
 
 
 def table(reports: Sequence[Report]) -> str:
-    """A Markdown table of reports (per chip; 'est.' is the compiler's estimate)."""
+    """A Markdown table of reports (per chip; 'est.' is the compiler's estimate). A sampler's
+    figures are per step (``x steps``), its estimate followed by the once-per-call work (``+``)."""
     head = (
         "| program | topology | compiled (s) | memory/chip (HBM) | GFLOP/chip | GB/chip | est. ms "
         "| roofline ms | bound | est. images/s | est. FLOP util. | collectives |"
@@ -442,12 +700,13 @@ def table(reports: Sequence[Report]) -> str:
             )
             continue
         per = f" x{r.steps}" if r.steps > 1 else ""
+        setup = f" + {r.setup_seconds * 1e3:.2f}" if r.steps > 1 else ""
         fit = "" if r.fits else " **does not fit**"
         rows.append(
             f"| {r.program} | {r.topology} ({r.chips} chips, {r.hosts} host(s)) | "
             f"{r.compile_seconds:.0f} | {r.memory_bytes / GiB:.2f} GiB ({r.hbm_bytes / GiB:.0f}){fit} | "
-            f"{r.flops / 1e9:.1f}{per} | {r.bytes_accessed / 1e9:.2f}{per} | "
-            f"{r.est_seconds * 1e3:.2f}{per} | {r.roofline_seconds * 1e3:.2f}{per} | {r.bound} | "
+            f"{r.flops / 1e9:.1f}{per} | {r.bytes_accessed * r.loop_bytes_share / 1e9:.2f}{per} | "
+            f"{r.est_seconds * 1e3:.2f}{per}{setup} | {r.roofline_seconds * 1e3:.2f}{per} | {r.bound} | "
             f"{r.images_per_second:,.0f} | {r.flop_utilisation:.0%} | {_collective_text(r.collectives)} |"
         )
     return "\n".join(rows)
@@ -461,6 +720,7 @@ def run(
     sample_batch: int = 256,
     json_path: str | None = None,
     hlo_dir: str | None = None,
+    breakdown: int = 0,
 ) -> int:
     """Compiles and prints the table (and writes JSON); exit code 0 if every program compiled and fits."""
     reports: list[Report] = []
@@ -468,7 +728,8 @@ def run(
         try:
             reports += compile_programs(
                 config, topology, samplers=parse_samplers(samplers), sample_batch=sample_batch,
-                hlo_dir=hlo_dir, log=lambda s: print(s, file=sys.stderr, flush=True),
+                hlo_dir=hlo_dir, breakdown=breakdown,
+                log=lambda s: print(s, file=sys.stderr, flush=True),
             )  # fmt: skip
         except (RuntimeError, ValueError) as e:  # no libtpu, bad topology, bad config
             print(f"diffusion_jax.aot: {e}", file=sys.stderr)
@@ -500,6 +761,9 @@ def _main() -> None:
     flags.DEFINE_integer("sample_batch", 256, "Images per sampler call (and the bare forward).")
     flags.DEFINE_string("json", None, "Also write the reports here, as JSON.")
     flags.DEFINE_string("hlo_dir", None, "Write each program's optimised TPU HLO text here.")
+    flags.DEFINE_integer(
+        "breakdown", 0, "Also print where each program's bytes go, with this many largest kernels."
+    )
     flags.mark_flags_as_required(["config"])
     FLAGS = flags.FLAGS
 
@@ -514,6 +778,7 @@ def _main() -> None:
                 sample_batch=FLAGS.sample_batch,
                 json_path=FLAGS.json,
                 hlo_dir=FLAGS.hlo_dir,
+                breakdown=FLAGS.breakdown,
             )  # fmt: skip
         )
 
