@@ -10,7 +10,9 @@ flops and bytes, the compiler's own time estimate (``optimal_seconds``, correcte
 ``diffusion_jax.aot`` explains; an estimate, not a timing), a roofline from flops and bytes,
 images/s and FLOP utilisation against the chip's bf16 peak derived from the estimate, and the
 collectives. One case takes 3-30 minutes to compile on 2 CPU cores; all of them, hours.
-``--tiny`` compiles ``configs/tiny.py``'s step on v5e:2x2 instead (the smoke test).
+``--tiny`` compiles ``configs/tiny.py``'s step on v5e:2x2 instead (the smoke test);
+``--breakdown N`` also prints, per program, the share of the estimated time and the bytes moved by
+kind of kernel, and its N most expensive kernels.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ BF16 = {"model.dtype": "bfloat16"}
 CASES: dict[str, tuple[str, dict]] = {
     "v5e_b128": ("v5e:2x2", {**BF16, "train.batch_size": 128}),
     "v5e_b256": ("v5e:2x2", {**BF16, "train.batch_size": 256}),
+    "v5e_b256_fsdp": (
+        "v5e:2x2",
+        {**BF16, "train.batch_size": 256, "sharding.fsdp_min_size": 65536},
+    ),
+    "v5e_b128_fsdp": (
+        "v5e:2x2",
+        {**BF16, "train.batch_size": 128, "sharding.fsdp_min_size": 65536},
+    ),
     "v5e_f32_b128": ("v5e:2x2", {"train.batch_size": 128}),
     "v4_b128": ("v4:2x2x1", {**BF16, "train.batch_size": 128}),
     "v5p_b128": ("v5p:2x2x1", {**BF16, "train.batch_size": 128}),
@@ -64,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the reports here")
     parser.add_argument("--hlo_dir", default=None, help="write each optimised HLO text here")
     parser.add_argument("--tiny", action="store_true", help="configs/tiny.py on v5e:2x2 only")
+    parser.add_argument(
+        "--breakdown", type=int, default=0, help="also print where the time goes (N top kernels)"
+    )
     args = parser.parse_args(argv)
 
     if args.tiny:
@@ -86,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         case = aot.compile_programs(
             _config(name, overrides), topology, samplers=samplers, sample_batch=sample_batch,
             forward=bool(samplers), train=not samplers, hlo_dir=args.hlo_dir,
+            breakdown=args.breakdown,
             log=lambda s: print(f"  {s}", file=sys.stderr, flush=True),
         )  # fmt: skip
         for r in case:

@@ -18,12 +18,14 @@ collectives in the program (count and bytes per kind).
 
 Two corrections to the raw estimate: each ``ConcatBitcast`` custom call counts -1 s in it (a
 "no estimate" sentinel), so those are added back; and a ``while`` loop's body is counted once, not
-once per trip. A sampler's chain is one ``scan`` over its steps, so its estimate is split by the
-compiler's own per-kernel cycle estimates (``estimated_cycles`` in the optimised HLO) into the loop
-body, reported per step and multiplied by the number of steps, and the work outside the loop
-(casting the weights to the compute dtype, the initial noise), counted once.
+once per trip. A sampler's chain is one ``scan`` over its steps, so its estimate is split, in
+proportion to the compiler's per-kernel cycle estimates (``estimated_cycles`` in the optimised
+HLO), into the loop body, reported per step and multiplied by the number of steps, and the work
+outside the loop (casting the weights to the compute dtype, the initial noise), counted once. The
+split is approximate: for large programs those cycles track the estimate closely, but they charge
+tiny kernels more than the estimate does.
 
-``--breakdown N`` also prints where the bytes go (:func:`hbm_traffic`): bytes moved per kind of
+``--breakdown N`` also prints where the bytes go (:func:`kernels_of`): bytes moved per kind of
 kernel (network forward and backward convolutions and elementwise work, the optimiser and EMA,
 layout copies, collectives, copies between HBM and on-chip memory) and the N largest kernels.
 """
@@ -259,7 +261,7 @@ def analyse(
     report.raw_optimal_seconds = float(cost.get("optimal_seconds", 0.0))
     report.concat_bitcasts = len(re.findall(r'custom_call_target="ConcatBitcast"', text))
     est = report.raw_optimal_seconds + report.concat_bitcasts
-    kernels = hbm_traffic(text)
+    kernels = kernels_of(text)
     share = loop_share(kernels) if steps > 1 else 1.0
     report.est_seconds, report.setup_seconds = est * share, est * (1.0 - share)
     if share < 1.0:  # the byte count's share of the loop body, from the per-kernel count
@@ -316,7 +318,7 @@ def compile_and_analyse(
 
 
 # ----------------------------------------------------------------------------------------------
-# Where the bytes go: a per-kernel count of HBM traffic in an optimised TPU HLO text.
+# Where the time and the bytes go: the kernels of an optimised TPU HLO text, one by one.
 
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.-]+) \(.*\) -> .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (.*?) ([a-z][\w-]*)\((.*)$")
@@ -331,7 +333,8 @@ _UPDATE_FILES = ("train_state.py", "/optax/", "posthoc_ema.py")
 
 @dataclasses.dataclass
 class Kernel:
-    """One top-level instruction of a compiled program and the HBM bytes it reads and writes."""
+    """One top-level instruction (kernel) of a compiled program: what it is, the bytes it reads and
+    writes, and the compiler's cycle estimate for it."""
 
     name: str
     opcode: str  # the HLO opcode; for a fusion, "fusion:<what it computes>"
@@ -420,13 +423,14 @@ def _category(opcode: str, op_name: str, files: list[str]) -> str:
     return f"{where} {'backward' if backward else 'forward'}: {what}"
 
 
-def hbm_traffic(hlo_text: str) -> list[Kernel]:
-    """The kernels of an optimised HLO text (as ``compiled.as_text()`` prints it) with the bytes each
-    reads and writes in HBM: its operands plus its result, arrays placed on-chip (S(1)) left out.
+def kernels_of(hlo_text: str) -> list[Kernel]:
+    """The kernels of an optimised HLO text (as ``compiled.as_text()`` prints it), each with its
+    ``estimated_cycles`` and the bytes it reads and writes: operands plus result (of which those
+    in HBM, not placed on-chip as S(1)); for an asynchronous copy, the slice it moves.
 
     A rough count (a kernel that reads part of an operand is charged all of it), meant for ranking
-    where the traffic goes, next to the cost analysis' own total. Instructions of a ``while``
-    body are counted once. Categories come from the op's name (``transpose(`` = backward pass) and
+    where the time and traffic go, next to the cost analysis' own totals. Instructions of a
+    ``while`` body are counted once. Categories come from the op's name (``transpose(`` = backward pass) and
     the source files of its stack frame (model code, the optimiser and EMA of ``train_state``).
     """
     shapes: dict[str, str] = {}

@@ -117,8 +117,8 @@ ENTRY %main (a: f32[8,128], w: f32[128,128]) -> f32[128,128] {
 """
 
 
-def test_hbm_traffic_counts_each_kernel_and_splits_off_the_loop():
-    kernels = {k.name: k for k in aot.hbm_traffic(HLO_WITH_A_LOOP)}
+def test_kernels_of_counts_each_kernel_and_splits_off_the_loop():
+    kernels = {k.name: k for k in aot.kernels_of(HLO_WITH_A_LOOP)}
     assert set(kernels) == {"f", "c", "u", "g"}  # parameters, tuples and the while itself are not
     f, c, u, g = (kernels[n] for n in "fcug")
     assert f.in_loop and c.in_loop and not u.in_loop and not g.in_loop

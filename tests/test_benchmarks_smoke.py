@@ -84,11 +84,14 @@ def _tpu_compile(tmp_path):
     except RuntimeError as e:
         pytest.skip(f"no TPU compiler for this jax: {e}")
     out = tmp_path / "report.json"
-    stdout = _run("tpu_compile", "--tiny", "--json", str(out))
+    stdout = _run("tpu_compile", "--tiny", "--breakdown", "3", "--json", str(out))
     (report,) = json.loads(out.read_text())
     assert report["program"] == "tiny: train_step" and report["compiled"] and report["fits"]
     assert report["flops"] > 0 and report["est_seconds"] > 0
     assert "| tiny: train_step | v5e:2x2" in stdout
+    assert (
+        "| optimiser, EMA, update |" in stdout and report["traffic"]["optimiser, EMA, update"] > 0
+    )
 
 
 def _step_time(tmp_path):
