@@ -25,9 +25,10 @@ outside the loop (casting the weights to the compute dtype, the initial noise), 
 split is approximate: for large programs those cycles track the estimate closely, but they charge
 tiny kernels more than the estimate does.
 
-``--breakdown N`` also prints where the bytes go (:func:`kernels_of`): bytes moved per kind of
-kernel (network forward and backward convolutions and elementwise work, the optimiser and EMA,
-layout copies, collectives, copies between HBM and on-chip memory) and the N largest kernels.
+``--breakdown N`` also prints where the time and the bytes go (:func:`kernels_of`): the share of
+the estimated cycles and the bytes moved per kind of kernel (network forward and backward
+convolutions and elementwise work, the optimiser and EMA, layout copies, collectives, copies
+between HBM and on-chip memory) and the N most expensive kernels.
 """
 
 from __future__ import annotations
@@ -106,22 +107,28 @@ _DTYPE_BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
     "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
 }  # fmt: skip
-_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE_OP = re.compile(
     r"^\s*(?:ROOT )?%?[\w.-]+ = (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", re.M
 )
 
 
-def array_bytes(shape_text: str) -> list[int]:
-    """Bytes of each array in an HLO shape such as ``(f32[128,3]{1,0}, bf16[64])``."""
+def _arrays(shape_text: str) -> list[tuple[int, bool]]:
+    """(bytes, placed on-chip) of each array in an HLO shape; a layout marked S(1) is on-chip."""
     return [
-        _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-        for dtype, dims in _ARRAY.findall(shape_text)
+        (_DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d), "S(1)" in layout)
+        for dtype, dims, layout in _ARRAY.findall(shape_text)
     ]
 
 
-_COMPUTATION = re.compile(r"^%?([\w.-]+) \(.*\{$")
+def array_bytes(shape_text: str) -> list[int]:
+    """Bytes of each array in an HLO shape such as ``(f32[128,3]{1,0}, bf16[64])``."""
+    return [n for n, _ in _arrays(shape_text)]
+
+
+# A computation's header, ``[ENTRY ]%name (params) -> result {``: (ENTRY or None, name).
+_HEADER = re.compile(r"^(ENTRY )?%?([\w.-]+) \(.*\) -> .*\{$")
 _ROOT = re.compile(r"^\s*ROOT %?[\w.-]+ = (.+?) [\w-]+\(")
 
 
@@ -142,9 +149,9 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 
     computation = ""
     for line in hlo_text.splitlines():
-        header = _COMPUTATION.match(line)
+        header = _HEADER.match(line)
         if header:
-            computation = header.group(1)
+            computation = header.group(2)
             continue
         if computation.startswith("all-reduce-scatter"):
             root = _ROOT.match(line)
@@ -244,7 +251,7 @@ def analyse(
     breakdown: int = 0,
 ) -> Report:
     """A :class:`Report` from a compiled program for ``devices`` (one per chip); with ``breakdown``
-    it also prints :func:`traffic_table` of its kernels with that many of the largest."""
+    it also prints :func:`traffic_table` of its kernels with that many of the most expensive."""
     chip = chip_of(devices[0])
     report = Report(program, topology, len(devices), len({d.process_index for d in devices}))
     report.compiled, report.hbm_bytes = True, chip.hbm_bytes
@@ -282,7 +289,7 @@ def analyse(
         report.traffic[k.category] = report.traffic.get(k.category, 0) + k.bytes
     if breakdown:
         print(
-            f"\n{program} on {topology}: where the bytes go\n\n{traffic_table(kernels, breakdown)}\n"
+            f"\n{program} on {topology}: where the time and the bytes go\n\n{traffic_table(kernels, breakdown)}\n"
         )
     return report
 
@@ -320,9 +327,7 @@ def compile_and_analyse(
 # ----------------------------------------------------------------------------------------------
 # Where the time and the bytes go: the kernels of an optimised TPU HLO text, one by one.
 
-_HEADER = re.compile(r"^(ENTRY )?%?([\w.-]+) \(.*\) -> .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (.*?) ([a-z][\w-]*)\((.*)$")
-_ARRAY_LAYOUT = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
 _NOT_KERNELS = {
     "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
     "call", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
@@ -347,13 +352,9 @@ class Kernel:
 
 
 def _shape_bytes(shape_text: str) -> tuple[int, int]:
-    """(all bytes, HBM bytes) of the arrays of an HLO shape; a layout marked S(1) is on-chip."""
-    total = hbm = 0
-    for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape_text):
-        n = _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-        total += n
-        hbm += 0 if "S(1)" in layout else n
-    return total, hbm
+    """(all bytes, HBM bytes) of the arrays of an HLO shape."""
+    arrays = _arrays(shape_text)
+    return sum(n for n, _ in arrays), sum(n for n, on_chip in arrays if not on_chip)
 
 
 def _call_args(rest: str) -> tuple[str, str]:
@@ -479,10 +480,9 @@ def kernels_of(hlo_text: str) -> list[Kernel]:
             ]
             kind = f"fusion:{heavy[0] if heavy else 'elementwise'}"
         if opcode in ("copy-start", "slice-start"):  # a DMA, (source, destination, context)
-            arrays = _ARRAY_LAYOUT.findall(shape)
-            dtype, dims, _ = arrays[-2]
-            moved = _shape_bytes(f"{dtype}[{dims}]")[0]  # the slice it moves, read then written
-            in_hbm = sum("S(1)" not in layout for _, _, layout in arrays[:2])
+            arrays = _arrays(shape)
+            moved = arrays[-2][0]  # the slice it moves, read on one side and written on the other
+            in_hbm = sum(not on_chip for _, on_chip in arrays[:2])
             sizes = [(2 * moved, in_hbm * moved)]
         else:
             operands = re.findall(r"%([\w.-]+)", args)
@@ -766,7 +766,9 @@ def _main() -> None:
     flags.DEFINE_string("json", None, "Also write the reports here, as JSON.")
     flags.DEFINE_string("hlo_dir", None, "Write each program's optimised TPU HLO text here.")
     flags.DEFINE_integer(
-        "breakdown", 0, "Also print where each program's bytes go, with this many largest kernels."
+        "breakdown",
+        0,
+        "Also print where each program's time and bytes go, with this many most expensive kernels.",
     )
     flags.mark_flags_as_required(["config"])
     FLAGS = flags.FLAGS
